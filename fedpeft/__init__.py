@@ -1,0 +1,3 @@
+"""fedpeft: federated, privacy-aware parameter-efficient fine-tuning."""
+
+__version__ = "0.1.0"

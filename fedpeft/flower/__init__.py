@@ -1,0 +1,1 @@
+"""The only package that imports Flower: messages, the strategy adapter, the apps."""

@@ -1,0 +1,63 @@
+"""The Flower ClientApp: a thin shell around :func:`fedpeft.client.run_client_round`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft.client import run_client_round
+from fedpeft.config import Config
+from fedpeft.errors import ConfigError
+from fedpeft.experiment import Experiment
+from fedpeft.flower.records import (
+    GLOBAL_ADAPTER,
+    ROUND_CONFIG,
+    TRAIN_METRICS,
+    UPDATE,
+    record_to_state,
+    state_to_record,
+)
+from fedpeft.flower.run_config import config_from_run_config
+
+
+def client_id_of(context: Context) -> int:
+    """The node's data partition: ``partition-id`` from the node config."""
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ConfigError("node config lacks 'partition-id' (start the SuperNode with --node-config)")
+    return int(node_config["partition-id"])
+
+
+def build_client_app(config_for: Callable[[Context], Config]) -> ClientApp:
+    """A ClientApp whose config comes from ``config_for(context)``.
+
+    The simulation passes a closure over its resolved config; deployment reads the
+    Flower run config.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = config_for(context)
+        experiment = Experiment.cached(config)
+        client_id = client_id_of(context)
+        server_round = int(msg.content.config_records[ROUND_CONFIG]["server-round"])  # type: ignore[arg-type]
+        global_state = record_to_state(msg.content.array_records[GLOBAL_ADAPTER])
+        result = run_client_round(experiment, client_id, global_state, server_round)
+        metrics = MetricRecord(
+            {
+                "client-id": client_id,
+                "num-examples": result.num_examples,
+                "train-loss": result.train_loss,
+                "steps": result.steps,
+            }
+        )
+        content = RecordDict({UPDATE: state_to_record(result.payload), TRAIN_METRICS: metrics})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = build_client_app(config_from_run_config)

@@ -1,0 +1,36 @@
+"""Read a fedpeft config from a Flower run config (the deployment path, ``flwr run``).
+
+``pyproject.toml``'s ``[tool.flwr.app.config]`` (or ``flwr run --run-config``) sets:
+
+- ``config-file``: a TOML file under the app folder (``configs/default.toml``);
+- ``config-overrides``: optional ``KEY=VALUE`` assignments separated by ``;``;
+- ``out-dir``: where the server writes the run folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+
+from fedpeft.config import Config, load_config
+from fedpeft.errors import ConfigError
+
+
+def config_from_run_config(context: Context) -> Config:
+    """The Config named by the run config, with its overrides applied."""
+    run_config = context.run_config
+    name = str(run_config.get("config-file", "configs/default.toml"))
+    path = Path(name)
+    if not path.is_absolute():
+        app_dir = Path(str(run_config.get("app-dir", "."))) if "app-dir" in run_config else Path.cwd()
+        path = app_dir / path
+    if not path.is_file():
+        raise ConfigError(f"run config 'config-file': {path} not found")
+    overrides = [s for s in str(run_config.get("config-overrides", "")).split(";") if s.strip()]
+    return load_config(path, overrides)
+
+
+def out_dir_from_run_config(context: Context) -> Path:
+    """The run folder the server writes (``runs/flwr`` when unset)."""
+    return Path(str(context.run_config.get("out-dir", "runs/flwr")))

@@ -1,0 +1,72 @@
+"""Run a config on Flower's simulation engine (virtual clients on this machine).
+
+Uses Flower's Python entry point ``run_simulation`` rather than ``flwr run``: it runs
+in-process with the already validated config object, so bad input fails before Ray
+starts and the server's own errors surface as one clear line. ``flwr run .`` works
+too (see README) through the module-level apps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from fedpeft.config import Config
+from fedpeft.experiment import Experiment
+from fedpeft.history import RunHistory
+
+
+def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunHistory:
+    """Simulate ``config.partition.num_clients`` clients and write the run folder."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fedpeft.flower.client_app import build_client_app
+    from fedpeft.flower.server_app import build_server_app
+
+    # Fail on data, partition and model problems here, before any worker starts.
+    experiment = Experiment.cached(config)
+    print(f"partitions ({config.partition.scheme}, {config.partition.num_clients} clients):")
+    print(experiment.partitions.summary(experiment.data.label_names))
+    _ = experiment.model
+
+    outcome: dict[str, object] = {}
+
+    def remember(history: RunHistory) -> None:
+        outcome["history"] = history
+
+    def server_main_errors(context: object) -> Config:
+        return config
+
+    server_app = build_server_app(server_main_errors, lambda _: out_dir, on_finish=remember)
+    client_app = build_client_app(lambda _: config)
+    backend_config = {
+        "client_resources": {
+            "num_cpus": config.simulation.num_cpus_per_client,
+            "num_gpus": config.simulation.num_gpus_per_client,
+        },
+        "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
+    }
+    flwr_logger = logging.getLogger("flwr")
+    previous = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flwr_run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=config.partition.num_clients,
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+    finally:
+        flwr_logger.setLevel(previous)
+    history = outcome.get("history")
+    if not isinstance(history, RunHistory):
+        raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
+    return history

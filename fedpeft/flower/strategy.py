@@ -1,0 +1,189 @@
+"""The one Flower Strategy: sampling and messages here, the math in codecs/aggregation.
+
+Why not subclass Flower's FedAvg: its constructor, sampling and reply validation are
+built for whole-model arrays; fedpeft sends a codec payload up and needs to decode,
+validate and count every message, while the aggregation rule is a plug-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
+from fedpeft.codecs import CodecContext, UpdateCodec
+from fedpeft.config import FederationConfig
+from fedpeft.errors import PayloadError
+from fedpeft.flower.records import (
+    GLOBAL_ADAPTER,
+    ROUND_CONFIG,
+    TRAIN_METRICS,
+    UPDATE,
+    content_nbytes,
+    record_to_state,
+    state_to_record,
+)
+from fedpeft.history import ClientRoundRecord
+
+logger = logging.getLogger("fedpeft")
+
+
+@dataclass
+class RoundTraffic:
+    """What one round's training exchange did, for metrics.json."""
+
+    bytes_down_by_node: dict[int, int] = field(default_factory=dict)
+    clients: list[ClientRoundRecord] = field(default_factory=list)
+    rejected: list[dict[str, object]] = field(default_factory=list)
+    aggregation: AggregationResult | None = None
+
+
+class AdapterStrategy(Strategy):
+    """Samples clients, sends the global adapter, decodes and aggregates their deltas.
+
+    Args:
+        federation: Sampling, limits and timeouts.
+        codec: Decodes each client's payload.
+        aggregator: Combines decoded deltas into the next global state.
+        run_seed: Seeds client sampling and the codecs' shared randomness.
+    """
+
+    def __init__(
+        self, federation: FederationConfig, codec: UpdateCodec, aggregator: Aggregator, run_seed: int
+    ) -> None:
+        self.federation = federation
+        self.codec = codec
+        self.aggregator = aggregator
+        self.run_seed = run_seed
+        self._global: dict[str, Tensor] = {}
+        self.traffic = RoundTraffic()
+
+    def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Wait for ``min_available_clients`` nodes, then draw a seeded sample."""
+        deadline = time.monotonic() + self.federation.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.federation.min_available_clients:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} client(s) connected, "
+                    f"federation.min_available_clients = {self.federation.min_available_clients}"
+                )
+            time.sleep(1.0)
+        wanted = max(math.ceil(len(nodes) * self.federation.fraction_train), self.federation.min_train_clients)
+        rng = random.Random(self.run_seed * 7_919 + server_round)
+        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One TRAIN message per sampled node carrying the global adapter."""
+        self._global = record_to_state(arrays)
+        self.traffic = RoundTraffic()
+        round_config = ConfigRecord({**config, "server-round": server_round})
+        messages = []
+        for node_id in self.sample_nodes(server_round, grid):
+            content = RecordDict({GLOBAL_ADAPTER: arrays, ROUND_CONFIG: round_config})
+            self.traffic.bytes_down_by_node[node_id] = content_nbytes(content)
+            messages.append(
+                Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode and check every reply; aggregate the good ones; log and skip the rest."""
+        updates: list[ClientUpdate] = []
+        losses: list[tuple[float, int]] = []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            try:
+                update, bytes_up, train_loss = self._decode_reply(reply, server_round)
+            except PayloadError as err:
+                logger.warning("round %d: rejected update from node %d: %s", server_round, node_id, err)
+                self.traffic.rejected.append({"node_id": node_id, "reason": str(err)})
+                continue
+            updates.append(update)
+            losses.append((train_loss, update.num_examples))
+            self.traffic.clients.append(
+                ClientRoundRecord(
+                    client_id=update.client_id,
+                    bytes_up=bytes_up,
+                    bytes_down=self.traffic.bytes_down_by_node.get(node_id, 0),
+                    num_examples=update.num_examples,
+                    train_loss=train_loss,
+                )
+            )
+        if len(updates) < self.federation.min_train_clients:
+            logger.warning(
+                "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
+                "the global adapter is unchanged",
+                server_round,
+                len(updates),
+                self.federation.min_train_clients,
+            )
+            return None, None
+        result = self.aggregator.aggregate(self._global, updates)
+        self.traffic.aggregation = result
+        total = sum(n for _, n in losses)
+        metrics = MetricRecord(
+            {"train-loss": sum(loss * n for loss, n in losses) / total, "num-examples": total}
+        )
+        return state_to_record(result.state), metrics
+
+    def _decode_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, int, float]:
+        if reply.has_error():
+            raise PayloadError(f"client failed: {reply.error.reason}")
+        content = reply.content
+        if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
+            raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
+        bytes_up = content_nbytes(content)
+        if bytes_up > self.federation.max_payload_bytes:
+            raise PayloadError(
+                f"reply of {bytes_up} bytes exceeds federation.max_payload_bytes = "
+                f"{self.federation.max_payload_bytes}"
+            )
+        metrics = content.metric_records[TRAIN_METRICS]
+        client_id = _int_metric(metrics, "client-id")
+        num_examples = _int_metric(metrics, "num-examples")
+        if num_examples <= 0:
+            raise PayloadError(f"num-examples must be positive, got {num_examples}")
+        train_loss = float(metrics.get("train-loss", math.nan))
+        context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
+        delta = self.codec.decode(record_to_state(content.array_records[UPDATE]), context, self._global)
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), bytes_up, train_loss
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server evaluates the global adapter centrally."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    def summary(self) -> None:
+        """Log the update path and sampling settings."""
+        logger.info(
+            "AdapterStrategy: codec=%s aggregator=%s fraction_train=%s min_train_clients=%d",
+            type(self.codec).__name__,
+            type(self.aggregator).__name__,
+            self.federation.fraction_train,
+            self.federation.min_train_clients,
+        )
+
+
+def _int_metric(metrics: Mapping[str, object], key: str) -> int:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != int(value):
+        raise PayloadError(f"metric {key!r} missing or not an integer: {value!r}")
+    return int(value)

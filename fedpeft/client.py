@@ -19,7 +19,12 @@ from fedpeft.training import train_local
 
 @dataclass(frozen=True)
 class ClientRoundResult:
-    """What a client sends back (``payload``) and reports (the rest)."""
+    """What a client sends back (``payload``) and reports (the rest).
+
+    ``num_examples`` is the size of the client's training set, the FedAvg weight
+    (McMahan et al.'s n_k), not the number of examples seen, which under a fixed step
+    budget is the same for every client.
+    """
 
     payload: Payload
     num_examples: int
@@ -41,12 +46,13 @@ def run_client_round(
     torch.manual_seed(config.seed * 1_000_003 + server_round * 1_009 + client_id)
     loader = experiment.client_loader(client_id, server_round)
     result = train_local(model, loader, config.train, experiment.device)
+    num_examples = len(loader.dataset)  # type: ignore[arg-type]
     delta = state_delta(adapter_state(model), global_state)
     context = CodecContext(run_seed=config.seed, server_round=server_round, client_id=client_id)
     payload = experiment.codec.encode(delta, context)
     return ClientRoundResult(
         payload=payload,
-        num_examples=result.num_examples,
+        num_examples=num_examples,
         steps=result.steps,
         train_loss=result.mean_loss,
     )

@@ -105,7 +105,7 @@ class TrainConfig(_Section):
     steps: int = Field(default=30, ge=0)
     batch_size: int = Field(default=16, gt=0)
     eval_batch_size: int = Field(default=64, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)

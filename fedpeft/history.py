@@ -22,6 +22,7 @@ class ClientRoundRecord:
     bytes_down: int
     num_examples: int
     train_loss: float
+    train_seconds: float
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from fedpeft.data.loading import LABEL, TEXT
 class TrainResult:
     """What one local training run did."""
 
-    num_examples: int
+    examples_seen: int
     steps: int
     mean_loss: float
 
@@ -155,7 +155,7 @@ def train_local(
     if pending:
         _step(params, optimizer, scheduler, config.clip_grad_norm)
         steps += 1
-    return TrainResult(num_examples=examples, steps=steps, mean_loss=loss_sum / max(loss_count, 1))
+    return TrainResult(examples_seen=examples, steps=steps, mean_loss=loss_sum / max(loss_count, 1))
 
 
 def _step(

@@ -65,6 +65,7 @@ def check_payload_tensors(
     payload: Mapping[str, Tensor],
     expected: Mapping[str, tuple[int, ...]],
     allowed_dtypes: tuple[torch.dtype, ...],
+    finite: bool = True,
 ) -> None:
     """Raise PayloadError unless ``payload`` has exactly the expected names and shapes,
     an allowed dtype and only finite values."""
@@ -80,5 +81,5 @@ def check_payload_tensors(
             raise PayloadError(f"payload tensor {name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         if tensor.dtype not in allowed_dtypes:
             raise PayloadError(f"payload tensor {name}: dtype {tensor.dtype} not allowed")
-        if not torch.isfinite(tensor).all():
+        if finite and not torch.isfinite(tensor).all():
             raise PayloadError(f"payload tensor {name}: contains NaN or Inf")

@@ -27,14 +27,20 @@ class Dense:
         self.wire_dtype = _WIRE_DTYPES[dtype]
 
     def encode(self, delta: Mapping[str, Tensor], context: CodecContext) -> Payload:
-        """Cast each tensor to the wire dtype."""
-        return {name: t.detach().to("cpu", self.wire_dtype).contiguous() for name, t in delta.items()}
+        """Cast each tensor to the wire dtype (bfloat16 travels as its int16 bit pattern,
+        since Flower's arrays are NumPy arrays and NumPy has no bfloat16)."""
+        payload = {}
+        for name, tensor in delta.items():
+            wire = tensor.detach().to("cpu", self.wire_dtype).contiguous()
+            payload[name] = wire.view(torch.int16) if self.wire_dtype == torch.bfloat16 else wire
+        return payload
 
     def decode(
         self, payload: Mapping[str, Tensor], context: CodecContext, reference: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """Check names, shapes, dtype and finiteness; cast back to the reference dtype."""
-        check_payload_tensors(
-            payload, {n: tuple(t.shape) for n, t in reference.items()}, (self.wire_dtype,)
-        )
+        if self.wire_dtype == torch.bfloat16:
+            check_payload_tensors(payload, {n: tuple(t.shape) for n, t in reference.items()}, (torch.int16,), finite=False)
+            payload = {name: t.view(torch.bfloat16) for name, t in payload.items()}
+        check_payload_tensors(payload, {n: tuple(t.shape) for n, t in reference.items()}, (self.wire_dtype,))
         return {name: payload[name].to(reference[name].dtype) for name in reference}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+
+import torch
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -30,16 +33,24 @@ def client_id_of(context: Context) -> int:
     return int(node_config["partition-id"])
 
 
-def build_client_app(config_for: Callable[[Context], Config]) -> ClientApp:
+def build_client_app(config_for: Callable[[Context], Config], torch_threads: int | None = None) -> ClientApp:
     """A ClientApp whose config comes from ``config_for(context)``.
 
     The simulation passes a closure over its resolved config; deployment reads the
     Flower run config.
+
+    Args:
+        config_for: Returns the run's config for a Flower context.
+        torch_threads: Intra-op threads for torch in this process (the CPUs the
+            simulation gives each virtual client); None leaves torch's default.
     """
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if torch_threads is not None and torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+        started = time.monotonic()
         config = config_for(context)
         experiment = Experiment.cached(config)
         client_id = client_id_of(context)
@@ -52,6 +63,7 @@ def build_client_app(config_for: Callable[[Context], Config]) -> ClientApp:
                 "num-examples": result.num_examples,
                 "train-loss": result.train_loss,
                 "steps": result.steps,
+                "train-seconds": time.monotonic() - started,
             }
         )
         content = RecordDict({UPDATE: state_to_record(result.payload), TRAIN_METRICS: metrics})

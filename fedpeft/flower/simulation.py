@@ -22,6 +22,10 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     """Simulate ``config.partition.num_clients`` clients and write the run folder."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        # Inherited by the simulation's worker processes.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedpeft.flower.client_app import build_client_app
@@ -42,7 +46,9 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
         return config
 
     server_app = build_server_app(server_main_errors, lambda _: out_dir, on_finish=remember)
-    client_app = build_client_app(lambda _: config)
+    client_app = build_client_app(
+        lambda _: config, torch_threads=max(1, int(config.simulation.num_cpus_per_client))
+    )
     backend_config = {
         "client_resources": {
             "num_cpus": config.simulation.num_cpus_per_client,
@@ -53,7 +59,7 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     flwr_logger = logging.getLogger("flwr")
     previous = flwr_logger.level
     if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -106,12 +106,13 @@ class AdapterStrategy(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
-                update, bytes_up, train_loss = self._decode_reply(reply, server_round)
+                update, bytes_up, metrics = self._decode_reply(reply, server_round)
             except PayloadError as err:
                 logger.warning("round %d: rejected update from node %d: %s", server_round, node_id, err)
                 self.traffic.rejected.append({"node_id": node_id, "reason": str(err)})
                 continue
             updates.append(update)
+            train_loss = _float_metric(metrics, "train-loss")
             losses.append((train_loss, update.num_examples))
             self.traffic.clients.append(
                 ClientRoundRecord(
@@ -120,6 +121,7 @@ class AdapterStrategy(Strategy):
                     bytes_down=self.traffic.bytes_down_by_node.get(node_id, 0),
                     num_examples=update.num_examples,
                     train_loss=train_loss,
+                    train_seconds=_float_metric(metrics, "train-seconds"),
                 )
             )
         if len(updates) < self.federation.min_train_clients:
@@ -139,7 +141,7 @@ class AdapterStrategy(Strategy):
         )
         return state_to_record(result.state), metrics
 
-    def _decode_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, int, float]:
+    def _decode_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, int, MetricRecord]:
         if reply.has_error():
             raise PayloadError(f"client failed: {reply.error.reason}")
         content = reply.content
@@ -153,13 +155,14 @@ class AdapterStrategy(Strategy):
             )
         metrics = content.metric_records[TRAIN_METRICS]
         client_id = _int_metric(metrics, "client-id")
+        _float_metric(metrics, "train-loss")
+        _float_metric(metrics, "train-seconds")
         num_examples = _int_metric(metrics, "num-examples")
         if num_examples <= 0:
             raise PayloadError(f"num-examples must be positive, got {num_examples}")
-        train_loss = float(metrics.get("train-loss", math.nan))
         context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
         delta = self.codec.decode(record_to_state(content.array_records[UPDATE]), context, self._global)
-        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), bytes_up, train_loss
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), bytes_up, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -187,3 +190,10 @@ def _int_metric(metrics: Mapping[str, object], key: str) -> int:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != int(value):
         raise PayloadError(f"metric {key!r} missing or not an integer: {value!r}")
     return int(value)
+
+
+def _float_metric(metrics: Mapping[str, object], key: str) -> float:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise PayloadError(f"metric {key!r} missing or not a finite number: {value!r}")
+    return float(value)

@@ -1,0 +1,64 @@
+"""Contract matrix: every registered aggregator, the same properties."""
+
+import pytest
+import torch
+
+from fedpeft.aggregation import AGGREGATORS, ClientUpdate
+
+NAMES = AGGREGATORS.names()
+
+
+def random_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.lora_A": torch.randn(4, 6, generator=g).to(dtype), "head.bias": torch.randn(3, generator=g).to(dtype)}
+
+
+def updates(n: int = 4) -> list[ClientUpdate]:
+    return [ClientUpdate(client_id=i, delta=random_state(100 + i), num_examples=10 * (i + 1)) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_order_invariance(name: str) -> None:
+    base = random_state(0)
+    forward = AGGREGATORS.build(name, {}, "x").aggregate(base, updates()).state
+    backward = AGGREGATORS.build(name, {}, "x").aggregate(base, updates()[::-1]).state
+    for key in base:
+        torch.testing.assert_close(forward[key], backward[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_identical_updates_give_that_update(name: str) -> None:
+    base = random_state(0)
+    delta = random_state(7)
+    same = [ClientUpdate(client_id=i, delta=delta, num_examples=i + 1) for i in range(3)]
+    result = AGGREGATORS.build(name, {}, "x").aggregate(base, same).state
+    for key in base:
+        torch.testing.assert_close(result[key], base[key] + delta[key])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keys_shapes_and_dtypes_kept(name: str) -> None:
+    base = random_state(0, torch.float64)
+    ups = [ClientUpdate(u.client_id, {k: v.double() for k, v in u.delta.items()}, u.num_examples) for u in updates()]
+    result = AGGREGATORS.build(name, {}, "x").aggregate(base, ups).state
+    assert list(result) == list(base)
+    for key in base:
+        assert result[key].shape == base[key].shape and result[key].dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_are_respected(name: str) -> None:
+    base = {"w": torch.zeros(1)}
+    heavy = ClientUpdate(0, {"w": torch.ones(1)}, num_examples=1000)
+    light = ClientUpdate(1, {"w": -torch.ones(1)}, num_examples=1)
+    result = AGGREGATORS.build(name, {}, "x").aggregate(base, [heavy, light]).state
+    assert result["w"].item() > 0.9
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trips(name: str) -> None:
+    first = AGGREGATORS.build(name, {}, "x")
+    first.aggregate(random_state(0), updates())
+    second = AGGREGATORS.build(name, {}, "x")
+    second.load_state_dict(first.state_dict())
+    assert second.state_dict().keys() == first.state_dict().keys()

@@ -48,7 +48,10 @@ def _simulate(args: argparse.Namespace) -> None:
     history = run_simulation(config, args.out, verbose=args.verbose)
     rounds = history.rounds
     print()
-    print(f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'bytes up':>10}  {'bytes down':>10}  {'clients':>7}  {'seconds':>7}")
+    print(
+        f"{'round':>5}  {'accuracy':>8}  {'loss':>7}  {'bytes up':>10}  "
+        f"{'bytes down':>10}  {'clients':>7}  {'seconds':>7}"
+    )
     for r in rounds:
         print(
             f"{r.round:>5}  {r.accuracy:>8.4f}  {r.loss:>7.4f}  {format_bytes(r.bytes_up):>10}  "

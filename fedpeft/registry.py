@@ -22,6 +22,7 @@ class Registry(Generic[T]):
     Args:
         kind: What the table holds ("codec", "aggregator"), used in error messages.
         config_key: The config key that selects an entry, used in error messages.
+
     """
 
     def __init__(self, kind: str, config_key: str) -> None:
@@ -62,8 +63,7 @@ class Registry(Generic[T]):
             if key not in accepted:
                 allowed = ", ".join(accepted) or "none"
                 raise ConfigError(
-                    f"{options_key}.{key}: not an option of {self.kind} {name!r} "
-                    f"(options: {allowed})"
+                    f"{options_key}.{key}: not an option of {self.kind} {name!r} (options: {allowed})"
                 )
         try:
             return cls(**options)

@@ -31,7 +31,9 @@ from fedpeft.training import evaluate, make_loader, tokenize, train_local
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, default=Path("configs/default.toml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/centralized"))
@@ -55,7 +57,9 @@ def main() -> None:
     )
 
     model = experiment.model.model
-    encoded = tokenize(experiment.data.train, experiment.model.tokenizer, config.data.max_length, config.model.task)
+    encoded = tokenize(
+        experiment.data.train, experiment.model.tokenizer, config.data.max_length, config.model.task
+    )
     torch.manual_seed(config.seed)
     history = []
     done, started = 0, time.monotonic()
@@ -71,7 +75,10 @@ def main() -> None:
         result = evaluate(model, experiment.test_loader, config.model.task, experiment.device)
         seconds = time.monotonic() - started
         history.append({"steps": done, **asdict(result), "seconds": seconds})
-        print(f"steps {done:>5}/{total_steps}  acc {result.accuracy:.4f}  loss {result.loss:.4f}  {seconds:.0f} s")
+        print(
+            f"steps {done:>5}/{total_steps}  acc {result.accuracy:.4f}  "
+            f"loss {result.loss:.4f}  {seconds:.0f} s"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.toml").write_text(config.to_toml(), encoding="utf-8")

@@ -27,7 +27,7 @@ def make_sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
     rows = []
     for i in range(n):
         label = i % 2
-        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        words = [*rng.sample(FILLER, 5), rng.choice(POSITIVE if label else NEGATIVE)]
         rng.shuffle(words)
         rows.append((" ".join(words), label))
     return rows

@@ -19,7 +19,10 @@ def run_cli(tmp_path: Path, config: dict, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda c, t: c["model"].update(name_or_path=str(t / "no-model")), "model.name_or_path: no such file"),
+        (
+            lambda c, t: c["model"].update(name_or_path=str(t / "no-model")),
+            "model.name_or_path: no such file",
+        ),
         (lambda c, t: c["data"].update(train=str(t / "missing.tsv")), "data.train: file not found"),
         (lambda c, t: c["data"].update(text_column="review"), "column 'review' not found"),
         (lambda c, t: c["partition"].update(num_clients=1000), "num_clients = 1000"),
@@ -28,7 +31,12 @@ def run_cli(tmp_path: Path, config: dict, capsys: pytest.CaptureFixture[str]) ->
     ids=["missing-model", "missing-data", "missing-column", "too-many-clients", "bad-value"],
 )
 def test_bad_input_is_one_clear_line(
-    tmp_path: Path, tiny_bert_dir: Path, sentiment_files: dict, capsys: pytest.CaptureFixture[str], change, message: str
+    tmp_path: Path,
+    tiny_bert_dir: Path,
+    sentiment_files: dict,
+    capsys: pytest.CaptureFixture[str],
+    change,
+    message: str,
 ) -> None:
     config = tiny_config(tiny_bert_dir, sentiment_files)
     change(config, tmp_path)

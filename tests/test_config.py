@@ -50,7 +50,7 @@ def test_bad_keys_and_values_name_the_key(override: str, key: str) -> None:
 
 
 def test_steps_and_epochs_are_exclusive() -> None:
-    with pytest.raises(ConfigError, match="epochs or train.steps"):
+    with pytest.raises(ConfigError, match=r"epochs or train\.steps"):
         load_config(None, ["train.epochs=1"])
     assert load_config(None, ["train.epochs=1", "train.steps=0"]).train.epochs == 1
 
@@ -61,7 +61,9 @@ def test_column_partition_needs_a_column() -> None:
 
 
 def test_ia3_and_other_peft_configs_pass_through() -> None:
-    config = parse_config({"adapter": {"method": "ia3", "target_modules": ["key", "value"], "feedforward_modules": []}})
+    config = parse_config(
+        {"adapter": {"method": "ia3", "target_modules": ["key", "value"], "feedforward_modules": []}}
+    )
     assert config.adapter.method == "ia3"
     assert config.adapter.options["target_modules"] == ["key", "value"]
 

@@ -74,7 +74,11 @@ def test_ia3_passes_through(tiny_bert_dir: Path) -> None:
     config = parse_config(
         {
             "model": {"name_or_path": str(tiny_bert_dir)},
-            "adapter": {"method": "ia3", "target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+            "adapter": {
+                "method": "ia3",
+                "target_modules": ["key", "value", "output.dense"],
+                "feedforward_modules": ["output.dense"],
+            },
         }
     )
     loaded = build_model(config.model, config.adapter, num_labels=2)

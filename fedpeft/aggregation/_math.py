@@ -8,9 +8,7 @@ import torch
 from torch import Tensor
 
 
-def weighted_mean(
-    states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
-) -> dict[str, Tensor]:
+def weighted_mean(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
     """Per-tensor ``sum_i w_i x_i / sum_i w_i``, accumulated in float64.
 
     Float64 accumulation makes the result independent of client order up to the final

@@ -19,6 +19,7 @@ class ClientUpdate:
         client_id: The client's partition id (stable across rounds).
         delta: name -> tensor shaped as the adapter weight (new local - global).
         num_examples: Examples the client trained on (the FedAvg weight).
+
     """
 
     client_id: int

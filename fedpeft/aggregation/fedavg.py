@@ -23,6 +23,7 @@ class FedAvg:
     Args:
         server_lr: Step size applied to the averaged delta (1.0 is plain FedAvg).
         weighted: Weight clients by example count (True) or equally (False).
+
     """
 
     def __init__(self, server_lr: float = 1.0, weighted: bool = True) -> None:
@@ -45,4 +46,3 @@ class FedAvg:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore."""
-

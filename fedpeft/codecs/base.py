@@ -67,8 +67,11 @@ def check_payload_tensors(
     allowed_dtypes: tuple[torch.dtype, ...],
     finite: bool = True,
 ) -> None:
-    """Raise PayloadError unless ``payload`` has exactly the expected names and shapes,
-    an allowed dtype and only finite values."""
+    """Raise PayloadError unless ``payload`` matches ``expected`` exactly.
+
+    Checks names, shapes, that the dtype is allowed and (with ``finite``) that every
+    value is finite.
+    """
     missing = expected.keys() - payload.keys()
     unexpected = payload.keys() - expected.keys()
     if missing:

@@ -19,6 +19,7 @@ class Dense:
 
     Args:
         dtype: Wire precision of the values: float32 (exact), float16 or bfloat16.
+
     """
 
     def __init__(self, dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
@@ -27,8 +28,11 @@ class Dense:
         self.wire_dtype = _WIRE_DTYPES[dtype]
 
     def encode(self, delta: Mapping[str, Tensor], context: CodecContext) -> Payload:
-        """Cast each tensor to the wire dtype (bfloat16 travels as its int16 bit pattern,
-        since Flower's arrays are NumPy arrays and NumPy has no bfloat16)."""
+        """Cast each tensor to the wire dtype.
+
+        bfloat16 travels as its int16 bit pattern: Flower's arrays are NumPy arrays and
+        NumPy has no bfloat16.
+        """
         payload = {}
         for name, tensor in delta.items():
             wire = tensor.detach().to("cpu", self.wire_dtype).contiguous()
@@ -40,7 +44,9 @@ class Dense:
     ) -> dict[str, Tensor]:
         """Check names, shapes, dtype and finiteness; cast back to the reference dtype."""
         if self.wire_dtype == torch.bfloat16:
-            check_payload_tensors(payload, {n: tuple(t.shape) for n, t in reference.items()}, (torch.int16,), finite=False)
+            check_payload_tensors(
+                payload, {n: tuple(t.shape) for n, t in reference.items()}, (torch.int16,), finite=False
+            )
             payload = {name: t.view(torch.bfloat16) for name, t in payload.items()}
         check_payload_tensors(payload, {n: tuple(t.shape) for n, t in reference.items()}, (self.wire_dtype,))
         return {name: payload[name].to(reference[name].dtype) for name in reference}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 
@@ -54,6 +54,7 @@ def load_text_data(config: DataConfig, keep_columns: Sequence[str] = ()) -> Text
     Args:
         config: The data section.
         keep_columns: Extra source columns to keep (e.g. the partition column).
+
     """
     train_rows = _read_split(config, config.train, config.train_split, "data.train")
     test_rows = _read_split(config, config.test, config.test_split, "data.test")
@@ -87,7 +88,7 @@ def _read_split(config: DataConfig, location: str, split: str, key: str) -> data
     path = resolve_data_path(location)
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
-    fmt = config.format
+    fmt: str = config.format
     if fmt == "auto":
         fmt = _SUFFIX_FORMATS.get(path.suffix.lower(), "")
         if not fmt:
@@ -106,7 +107,7 @@ def _read_split(config: DataConfig, location: str, split: str, key: str) -> data
 
 def _read_delimited(path: Path, delimiter: str, key: str) -> list[dict[str, Any]]:
     # GLUE-style TSVs contain bare quotes inside sentences: read them without quoting.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         rows = []
@@ -148,7 +149,9 @@ def _read_hf(location: str, split: str, key: str) -> datasets.Dataset:
     except DataError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as err:
-        raise DataError(f"{key}: cannot load Hugging Face dataset {location!r} split {split!r}: {err}") from None
+        raise DataError(
+            f"{key}: cannot load Hugging Face dataset {location!r} split {split!r}: {err}"
+        ) from None
     assert isinstance(result, datasets.Dataset)
     return result
 

@@ -43,8 +43,7 @@ class Partitions:
     def label_histograms(self) -> list[dict[int, int]]:
         """Per client: label -> count (empty dicts when there are no labels)."""
         return [
-            dict(sorted(Counter(p[LABEL]).items())) if LABEL in p.column_names else {}
-            for p in self.parts
+            dict(sorted(Counter(p[LABEL]).items())) if LABEL in p.column_names else {} for p in self.parts
         ]
 
     def summary(self, label_names: list[str] | None = None) -> str:
@@ -53,9 +52,7 @@ class Partitions:
         for client_id, (size, histogram) in enumerate(
             zip(self.sizes(), self.label_histograms(), strict=True)
         ):
-            labels = "  ".join(
-                f"{label_names[k] if label_names else k}:{v}" for k, v in histogram.items()
-            )
+            labels = "  ".join(f"{label_names[k] if label_names else k}:{v}" for k, v in histogram.items())
             lines.append(f"{client_id:>6}  {size:>8}  {labels}")
         return "\n".join(lines)
 

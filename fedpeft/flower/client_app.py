@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -43,6 +42,7 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         config_for: Returns the run's config for a Flower context.
         torch_threads: Intra-op threads for torch in this process (the CPUs the
             simulation gives each virtual client); None leaves torch's default.
+
     """
     app = ClientApp()
 

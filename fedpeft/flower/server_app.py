@@ -84,7 +84,10 @@ def run_federation(
         },
         initial={"accuracy": initial.accuracy, "loss": initial.loss},
     )
-    progress(f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  loss {initial.loss:.4f}  (before training)")
+    progress(
+        f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  "
+        f"loss {initial.loss:.4f}  (before training)"
+    )
     rounds = config.federation.rounds
     for server_round in range(1, rounds + 1):
         started = time.monotonic()

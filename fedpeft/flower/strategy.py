@@ -55,6 +55,7 @@ class AdapterStrategy(Strategy):
         codec: Decodes each client's payload.
         aggregator: Combines decoded deltas into the next global state.
         run_seed: Seeds client sampling and the codecs' shared randomness.
+
     """
 
     def __init__(
@@ -77,7 +78,9 @@ class AdapterStrategy(Strategy):
                     f"federation.min_available_clients = {self.federation.min_available_clients}"
                 )
             time.sleep(1.0)
-        wanted = max(math.ceil(len(nodes) * self.federation.fraction_train), self.federation.min_train_clients)
+        wanted = max(
+            math.ceil(len(nodes) * self.federation.fraction_train), self.federation.min_train_clients
+        )
         rng = random.Random(self.run_seed * 7_919 + server_round)
         return sorted(rng.sample(nodes, min(wanted, len(nodes))))
 
@@ -93,7 +96,12 @@ class AdapterStrategy(Strategy):
             content = RecordDict({GLOBAL_ADAPTER: arrays, ROUND_CONFIG: round_config})
             self.traffic.bytes_down_by_node[node_id] = content_nbytes(content)
             messages.append(
-                Message(content=content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
+                Message(
+                    content=content,
+                    dst_node_id=node_id,
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
             )
         return messages
 

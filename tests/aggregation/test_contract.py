@@ -10,11 +10,16 @@ NAMES = AGGREGATORS.names()
 
 def random_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"layer.lora_A": torch.randn(4, 6, generator=g).to(dtype), "head.bias": torch.randn(3, generator=g).to(dtype)}
+    return {
+        "layer.lora_A": torch.randn(4, 6, generator=g).to(dtype),
+        "head.bias": torch.randn(3, generator=g).to(dtype),
+    }
 
 
 def updates(n: int = 4) -> list[ClientUpdate]:
-    return [ClientUpdate(client_id=i, delta=random_state(100 + i), num_examples=10 * (i + 1)) for i in range(n)]
+    return [
+        ClientUpdate(client_id=i, delta=random_state(100 + i), num_examples=10 * (i + 1)) for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -39,7 +44,10 @@ def test_identical_updates_give_that_update(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_keys_shapes_and_dtypes_kept(name: str) -> None:
     base = random_state(0, torch.float64)
-    ups = [ClientUpdate(u.client_id, {k: v.double() for k, v in u.delta.items()}, u.num_examples) for u in updates()]
+    ups = [
+        ClientUpdate(u.client_id, {k: v.double() for k, v in u.delta.items()}, u.num_examples)
+        for u in updates()
+    ]
     result = AGGREGATORS.build(name, {}, "x").aggregate(base, ups).state
     assert list(result) == list(base)
     for key in base:

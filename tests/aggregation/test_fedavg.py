@@ -12,8 +12,12 @@ def test_matches_hand_computation() -> None:
     # mean delta = (1*[1,0] + 3*[0,2]) / 4 = [0.25, 1.5]
     torch.testing.assert_close(FedAvg().aggregate(base, ups).state["w"], torch.tensor([1.25, 2.5]))
     # unweighted: [0.5, 1.0]; server_lr 2 doubles the step
-    torch.testing.assert_close(FedAvg(weighted=False).aggregate(base, ups).state["w"], torch.tensor([1.5, 2.0]))
-    torch.testing.assert_close(FedAvg(server_lr=2.0).aggregate(base, ups).state["w"], torch.tensor([1.5, 4.0]))
+    torch.testing.assert_close(
+        FedAvg(weighted=False).aggregate(base, ups).state["w"], torch.tensor([1.5, 2.0])
+    )
+    torch.testing.assert_close(
+        FedAvg(server_lr=2.0).aggregate(base, ups).state["w"], torch.tensor([1.5, 4.0])
+    )
 
 
 def test_global_state_is_not_modified_in_place() -> None:

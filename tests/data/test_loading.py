@@ -26,7 +26,9 @@ def test_tsv_keeps_quotes_and_maps_labels(tmp_path: Path) -> None:
 def test_csv_with_custom_columns_and_string_labels(tmp_path: Path) -> None:
     train = write(tmp_path / "train.csv", 'body,topic\n"hello, world",Sports\nmarkets fell,Business\n')
     test = write(tmp_path / "test.csv", "body,topic\nscore,Sports\n")
-    data = load_text_data(DataConfig(train=str(train), test=str(test), text_column="body", label_column="topic"))
+    data = load_text_data(
+        DataConfig(train=str(train), test=str(test), text_column="body", label_column="topic")
+    )
     assert data.label_names == ["Business", "Sports"]
     assert data.train[TEXT][0] == "hello, world"
     assert data.train[LABEL] == [1, 0] and data.test[LABEL] == [1]
@@ -42,7 +44,9 @@ def test_jsonl(tmp_path: Path) -> None:
 
 def test_causal_lm_data_needs_no_label(tmp_path: Path) -> None:
     train = write(tmp_path / "train.jsonl", '{"text": "once upon a time"}\n')
-    data = load_text_data(DataConfig(train=str(train), test=str(train), text_column="text", label_column=None))
+    data = load_text_data(
+        DataConfig(train=str(train), test=str(train), text_column="text", label_column=None)
+    )
     assert data.label_names is None and data.train.column_names == [TEXT]
 
 
@@ -54,7 +58,9 @@ def test_hugging_face_dataset_from_disk(tmp_path: Path) -> None:
         }
     )
     splits.save_to_disk(str(tmp_path / "ds"))
-    config = DataConfig(format="hf", train=str(tmp_path / "ds"), test=str(tmp_path / "ds"), test_split="validation")
+    config = DataConfig(
+        format="hf", train=str(tmp_path / "ds"), test=str(tmp_path / "ds"), test_split="validation"
+    )
     data = load_text_data(config)
     assert len(data.train) == 3 and data.test[TEXT] == ["w"]
     with pytest.raises(DataError, match="split 'test'"):

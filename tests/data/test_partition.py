@@ -78,4 +78,6 @@ def test_summary_shows_sizes_and_histograms() -> None:
     parts = partition_dataset(labelled(40, classes=2), PartitionConfig(scheme="iid", num_clients=2), seed=0)
     text = parts.summary(["neg", "pos"])
     assert "neg:" in text and "pos:" in text and "20" in text
-    assert Counter(parts.label_histograms()[0]) + Counter(parts.label_histograms()[1]) == Counter({0: 20, 1: 20})
+    assert Counter(parts.label_histograms()[0]) + Counter(parts.label_histograms()[1]) == Counter(
+        {0: 20, 1: 20}
+    )

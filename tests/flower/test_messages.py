@@ -1,16 +1,21 @@
 """What actually travels: build the real messages and check what is (not) in them."""
 
-from pathlib import Path
-
 import pytest
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedpeft.config import parse_config
 from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.client_app import build_client_app
-from fedpeft.flower.records import GLOBAL_ADAPTER, ROUND_CONFIG, TRAIN_METRICS, UPDATE, content_nbytes, record_to_state, state_to_record
+from fedpeft.flower.records import (
+    GLOBAL_ADAPTER,
+    ROUND_CONFIG,
+    TRAIN_METRICS,
+    UPDATE,
+    content_nbytes,
+    record_to_state,
+    state_to_record,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +46,9 @@ def train_message(experiment: Experiment) -> Message:
 def run_client(experiment: Experiment, partition_id: int = 0) -> Message:
     app = build_client_app(lambda _: experiment.config)
     Experiment._cache[experiment.config.fingerprint()] = experiment
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": partition_id}, state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1, node_id=1, node_config={"partition-id": partition_id}, state=RecordDict(), run_config={}
+    )
     return app(train_message(experiment), context)
 
 

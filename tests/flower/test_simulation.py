@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "partition": {"scheme": "iid", "num_clients": 3},
         "train": {"steps": 25, "lr": 3e-3},
         "federation": {"rounds": 2, "min_train_clients": 3, "min_available_clients": 3},
-        "simulation": {"num_cpus_per_client": 2},
+        "simulation": {"num_cpus_per_client": 1},
     }
     config_path.write_text(tomli_w.dumps(config), encoding="utf-8")
     out = folder / "run"

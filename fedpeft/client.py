@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedpeft.codecs import CodecContext, Payload
+from fedpeft.codecs import CodecContext, CodecMemory, Payload
 from fedpeft.experiment import Experiment
 from fedpeft.models import adapter_state, load_adapter_state, state_delta
 from fedpeft.training import train_local
@@ -37,8 +37,13 @@ def run_client_round(
     client_id: int,
     global_state: Mapping[str, Tensor],
     server_round: int,
+    memory: CodecMemory | None = None,
 ) -> ClientRoundResult:
-    """Train from ``global_state`` on the client's partition and encode the delta."""
+    """Train from ``global_state`` on the client's partition and encode the delta.
+
+    ``memory`` is the client's codec state from earlier rounds (updated in place);
+    None for a client that keeps none.
+    """
     config = experiment.config
     model = experiment.model.model
     load_adapter_state(model, global_state)
@@ -49,7 +54,7 @@ def run_client_round(
     num_examples = len(loader.dataset)  # type: ignore[arg-type]
     delta = state_delta(adapter_state(model), global_state)
     context = CodecContext(run_seed=config.seed, server_round=server_round, client_id=client_id)
-    payload = experiment.codec.encode(delta, context)
+    payload = experiment.codec.encode(delta, context, {} if memory is None else memory)
     return ClientRoundResult(
         payload=payload,
         num_examples=num_examples,

@@ -81,6 +81,13 @@ class DataConfig(_Section):
     max_train_examples: int | None = Field(default=None, gt=0)
     max_test_examples: int | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def _empty_label_means_none(self) -> DataConfig:
+        # TOML has no null: label_column = "" is how a config says "no labels".
+        if self.label_column == "":
+            object.__setattr__(self, "label_column", None)
+        return self
+
 
 class PartitionConfig(_Section):
     """How the training split is divided among clients (deterministic under ``seed``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +39,13 @@ class CodecContext:
         return torch.Generator().manual_seed(self.seed_for(tensor_name))
 
 
+CodecMemory = dict[str, Tensor]
+"""A client's codec state across rounds (e.g. the error-feedback residual).
+
+The client keeps it in its Flower ``Context.state``; it never travels.
+"""
+
+
 class UpdateCodec(Protocol):
     """Turns an adapter delta into a payload and back.
 
@@ -47,8 +54,12 @@ class UpdateCodec(Protocol):
     client did not send.
     """
 
-    def encode(self, delta: Mapping[str, Tensor], context: CodecContext) -> Payload:
-        """Client side: ``delta`` (name -> tensor shaped as the adapter weight) to a payload."""
+    def encode(self, delta: Mapping[str, Tensor], context: CodecContext, memory: CodecMemory) -> Payload:
+        """Client side: ``delta`` (name -> tensor shaped as the adapter weight) to a payload.
+
+        ``memory`` is this client's state from earlier rounds; the codec may update it
+        in place.
+        """
         ...
 
     def decode(
@@ -61,28 +72,12 @@ class UpdateCodec(Protocol):
 CODECS: Registry[UpdateCodec] = Registry("codec", "federation.codec")
 
 
-def check_payload_tensors(
-    payload: Mapping[str, Tensor],
-    expected: Mapping[str, tuple[int, ...]],
-    allowed_dtypes: tuple[torch.dtype, ...],
-    finite: bool = True,
-) -> None:
-    """Raise PayloadError unless ``payload`` matches ``expected`` exactly.
-
-    Checks names, shapes, that the dtype is allowed and (with ``finite``) that every
-    value is finite.
-    """
-    missing = expected.keys() - payload.keys()
-    unexpected = payload.keys() - expected.keys()
+def check_payload_names(payload: Mapping[str, Tensor], expected: Iterable[str]) -> None:
+    """Raise PayloadError unless ``payload`` holds exactly the ``expected`` tensor names."""
+    wanted = set(expected)
+    missing = wanted - payload.keys()
+    unexpected = payload.keys() - wanted
     if missing:
         raise PayloadError(f"payload lacks tensor(s) {sorted(missing)[:3]}")
     if unexpected:
         raise PayloadError(f"payload has unexpected tensor(s) {sorted(unexpected)[:3]}")
-    for name, shape in expected.items():
-        tensor = payload[name]
-        if tuple(tensor.shape) != tuple(shape):
-            raise PayloadError(f"payload tensor {name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-        if tensor.dtype not in allowed_dtypes:
-            raise PayloadError(f"payload tensor {name}: dtype {tensor.dtype} not allowed")
-        if finite and not torch.isfinite(tensor).all():
-            raise PayloadError(f"payload tensor {name}: contains NaN or Inf")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
-import torch
 from torch import Tensor
 
-from fedpeft.codecs.base import CODECS, CodecContext, Payload, check_payload_tensors
-
-_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fedpeft.codecs._wire import WireDtype, check_wire_dtype, from_wire, to_wire
+from fedpeft.codecs.base import CODECS, CodecContext, CodecMemory, Payload, check_payload_names
+from fedpeft.errors import PayloadError
 
 
 @CODECS.register("dense")
@@ -22,31 +20,24 @@ class Dense:
 
     """
 
-    def __init__(self, dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
-        if dtype not in _WIRE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_WIRE_DTYPES)}, got {dtype!r}")
-        self.wire_dtype = _WIRE_DTYPES[dtype]
+    def __init__(self, dtype: WireDtype = "float32") -> None:
+        self.wire_dtype = check_wire_dtype(dtype)
 
-    def encode(self, delta: Mapping[str, Tensor], context: CodecContext) -> Payload:
-        """Cast each tensor to the wire dtype.
-
-        bfloat16 travels as its int16 bit pattern: Flower's arrays are NumPy arrays and
-        NumPy has no bfloat16.
-        """
-        payload = {}
-        for name, tensor in delta.items():
-            wire = tensor.detach().to("cpu", self.wire_dtype).contiguous()
-            payload[name] = wire.view(torch.int16) if self.wire_dtype == torch.bfloat16 else wire
-        return payload
+    def encode(self, delta: Mapping[str, Tensor], context: CodecContext, memory: CodecMemory) -> Payload:
+        """Cast each tensor to the wire dtype."""
+        return {name: to_wire(tensor, self.wire_dtype) for name, tensor in delta.items()}
 
     def decode(
         self, payload: Mapping[str, Tensor], context: CodecContext, reference: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """Check names, shapes, dtype and finiteness; cast back to the reference dtype."""
-        if self.wire_dtype == torch.bfloat16:
-            check_payload_tensors(
-                payload, {n: tuple(t.shape) for n, t in reference.items()}, (torch.int16,), finite=False
-            )
-            payload = {name: t.view(torch.bfloat16) for name, t in payload.items()}
-        check_payload_tensors(payload, {n: tuple(t.shape) for n, t in reference.items()}, (self.wire_dtype,))
-        return {name: payload[name].to(reference[name].dtype) for name in reference}
+        check_payload_names(payload, reference.keys())
+        decoded = {}
+        for name, ref in reference.items():
+            values = payload[name]
+            if values.shape != ref.shape:
+                raise PayloadError(
+                    f"payload tensor {name}: shape {tuple(values.shape)}, expected {tuple(ref.shape)}"
+                )
+            decoded[name] = from_wire(values, self.wire_dtype, name).to(ref.dtype)
+        return decoded

@@ -14,6 +14,7 @@ from fedpeft.config import Config
 from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.records import (
+    CODEC_MEMORY,
     GLOBAL_ADAPTER,
     ROUND_CONFIG,
     TRAIN_METRICS,
@@ -56,7 +57,11 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         client_id = client_id_of(context)
         server_round = int(msg.content.config_records[ROUND_CONFIG]["server-round"])  # type: ignore[arg-type]
         global_state = record_to_state(msg.content.array_records[GLOBAL_ADAPTER])
-        result = run_client_round(experiment, client_id, global_state, server_round)
+        stored = context.state.array_records.get(CODEC_MEMORY)
+        memory = record_to_state(stored) if stored is not None else {}
+        result = run_client_round(experiment, client_id, global_state, server_round, memory)
+        if memory:
+            context.state[CODEC_MEMORY] = state_to_record(memory)
         metrics = MetricRecord(
             {
                 "client-id": client_id,

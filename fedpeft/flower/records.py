@@ -14,6 +14,8 @@ UPDATE = "update"
 """ArrayRecord a client sends up: its encoded delta (the codec payload)."""
 TRAIN_METRICS = "train-metrics"
 """MetricRecord a client sends up: client-id, num-examples, train-loss, steps."""
+CODEC_MEMORY = "codec-memory"
+"""ArrayRecord a client keeps in its own Context.state: its codec's memory (never sent)."""
 ROUND_CONFIG = "config"
 """ConfigRecord the server sends down: server-round."""
 

@@ -18,7 +18,7 @@ def delta() -> dict[str, torch.Tensor]:
 
 def test_float32_is_exact() -> None:
     codec = Dense()
-    decoded = codec.decode(codec.encode(delta(), CONTEXT), CONTEXT, reference())
+    decoded = codec.decode(codec.encode(delta(), CONTEXT, {}), CONTEXT, reference())
     for key, value in delta().items():
         torch.testing.assert_close(decoded[key], value, rtol=0, atol=0)
 
@@ -26,7 +26,7 @@ def test_float32_is_exact() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_halves_bytes_with_small_error(dtype: str) -> None:
     codec = Dense(dtype=dtype)  # type: ignore[arg-type]
-    payload = codec.encode(delta(), CONTEXT)
+    payload = codec.encode(delta(), CONTEXT, {})
     assert sum(t.numel() * t.element_size() for t in payload.values()) == 17 * 2
     assert all(t.numpy().nbytes == t.numel() * 2 for t in payload.values())  # NumPy-representable
     decoded = codec.decode(payload, CONTEXT, reference())
@@ -64,6 +64,6 @@ def test_context_seeds_differ_by_every_component() -> None:
 
 def test_bfloat16_payload_with_nan_is_rejected() -> None:
     bad = {"a": torch.full((3, 4), float("nan")), "b": torch.zeros(5)}
-    payload = Dense(dtype="bfloat16").encode(bad, CONTEXT)
+    payload = Dense(dtype="bfloat16").encode(bad, CONTEXT, {})
     with pytest.raises(PayloadError, match="NaN"):
         Dense(dtype="bfloat16").decode(payload, CONTEXT, reference())

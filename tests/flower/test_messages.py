@@ -8,6 +8,7 @@ from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.client_app import build_client_app
 from fedpeft.flower.records import (
+    CODEC_MEMORY,
     GLOBAL_ADAPTER,
     ROUND_CONFIG,
     TRAIN_METRICS,
@@ -93,3 +94,19 @@ def test_client_without_partition_id_fails_clearly(experiment: Experiment) -> No
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ConfigError, match="partition-id"):
         app(train_message(experiment), context)
+
+
+def test_error_feedback_memory_persists_in_client_state(tiny_config_data: dict) -> None:
+    tiny_config_data["federation"]["codec"] = "topk"
+    tiny_config_data["federation"]["codec_options"] = {"density": 0.05}
+    experiment = Experiment(parse_config(tiny_config_data))
+    Experiment._cache[experiment.config.fingerprint()] = experiment
+    app = build_client_app(lambda _: experiment.config)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = app(train_message(experiment), context)
+    assert not reply.has_error()
+    memory = record_to_state(context.state.array_records[CODEC_MEMORY])
+    assert set(memory) == set(experiment.initial_state)
+    assert any(t.abs().sum() > 0 for t in memory.values())  # the unsent 95 %
+    sent = record_to_state(reply.content.array_records[UPDATE])
+    assert all(name.endswith(("/indices", "/values")) for name in sent)

@@ -1,0 +1,117 @@
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from fedpeft.config import ModelConfig, TrainConfig, parse_config
+from fedpeft.models import adapter_state, build_model, load_adapter_state
+from fedpeft.training import evaluate, make_loader, resolve_device, tokenize, train_local
+from tests.conftest import make_sentiment_rows
+
+
+@pytest.fixture()
+def tiny(tiny_bert_dir: Path):
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(tiny_bert_dir)},
+            "adapter": {"r": 4, "target_modules": ["query", "value"]},
+        }
+    )
+    return build_model(config.model, config.adapter, num_labels=2)
+
+
+@pytest.fixture()
+def encoded(tiny) -> datasets.Dataset:
+    rows = make_sentiment_rows(20)
+    data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+    return tokenize(data, tiny.tokenizer, 32, "sequence-classification")
+
+
+def test_step_budget_counts_optimizer_steps(tiny, encoded) -> None:
+    loader = make_loader(encoded, tiny.tokenizer, "sequence-classification", 4, shuffle=True)
+    result = train_local(tiny.model, loader, TrainConfig(steps=7, grad_accumulation=2), torch.device("cpu"))
+    assert result.steps == 7 and result.examples_seen == 7 * 2 * 4
+
+
+def test_epoch_budget_sees_every_example_once_per_epoch(tiny, encoded) -> None:
+    loader = make_loader(encoded, tiny.tokenizer, "sequence-classification", 6, shuffle=True)
+    result = train_local(tiny.model, loader, TrainConfig(epochs=2, steps=0), torch.device("cpu"))
+    assert result.examples_seen == 40 and result.steps == 2 * 4  # 20 examples in batches 6,6,6,2
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny, encoded) -> None:
+    """Two micro-batches of 4 with accumulation take the same step as one batch of 8.
+
+    Catches stepping per micro-batch or dropping one; AdamW's first step is invariant
+    to a global gradient scale, so a missing 1/accumulation factor is not caught here.
+    """
+    start = adapter_state(tiny.model)
+    config = TrainConfig(steps=1, lr=1e-2, clip_grad_norm=None)
+    small = make_loader(encoded.select(range(8)), tiny.tokenizer, "sequence-classification", 4, shuffle=False)
+    big = make_loader(encoded.select(range(8)), tiny.tokenizer, "sequence-classification", 8, shuffle=False)
+
+    def one_step(loader, accumulation: int) -> dict:
+        load_adapter_state(tiny.model, start)
+        train_local(
+            tiny.model,
+            loader,
+            config.model_copy(update={"grad_accumulation": accumulation}),
+            torch.device("cpu"),
+        )
+        return adapter_state(tiny.model)
+
+    # train_local switches to train mode: switch dropout off so both runs see one function
+    for module in tiny.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    accumulated, whole = one_step(small, 2), one_step(big, 1)
+    for name in start:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_changes_only_trainable_tensors(tiny, encoded) -> None:
+    frozen = {n: p.detach().clone() for n, p in tiny.model.named_parameters() if not p.requires_grad}
+    before = adapter_state(tiny.model)
+    loader = make_loader(encoded, tiny.tokenizer, "sequence-classification", 4, shuffle=True)
+    train_local(tiny.model, loader, TrainConfig(steps=3), torch.device("cpu"))
+    for name, param in tiny.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    assert any(not torch.equal(before[n], t) for n, t in adapter_state(tiny.model).items())
+
+
+def test_evaluate_counts_accuracy(tiny, encoded) -> None:
+    loader = make_loader(encoded, tiny.tokenizer, "sequence-classification", 8, shuffle=False)
+    result = evaluate(tiny.model, loader, "sequence-classification", torch.device("cpu"))
+    assert result.num_examples == 20 and 0.0 <= result.accuracy <= 1.0
+    with torch.no_grad():
+        predictions = []
+        for batch in loader:
+            predictions += tiny.model(**batch).logits.argmax(-1).tolist()
+    assert result.accuracy == pytest.approx(
+        sum(p == y for p, y in zip(predictions, encoded["labels"], strict=True)) / 20
+    )
+
+
+def test_causal_lm_loss_and_token_accuracy(tiny_llama_dir: Path) -> None:
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(tiny_llama_dir), "task": "causal-lm"},
+            "adapter": {"r": 2, "target_modules": ["q_proj", "v_proj"]},
+        }
+    )
+    loaded = build_model(config.model, config.adapter)
+    data = datasets.Dataset.from_dict({"text": ["the cat sat on the mat"] * 8})
+    encoded_lm = tokenize(data, loaded.tokenizer, 16, "causal-lm")
+    loader = make_loader(encoded_lm, loaded.tokenizer, "causal-lm", 4, shuffle=True)
+    before = evaluate(loaded.model, loader, "causal-lm", torch.device("cpu"))
+    train_local(loaded.model, loader, TrainConfig(steps=40, lr=3e-2), torch.device("cpu"))
+    after = evaluate(loaded.model, loader, "causal-lm", torch.device("cpu"))
+    assert after.loss < before.loss - 0.3, (before, after)
+
+
+def test_device_auto_is_cpu_without_cuda() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert ModelConfig().dtype == "float32"

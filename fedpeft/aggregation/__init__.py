@@ -4,6 +4,18 @@ Importing this package registers every aggregator in :data:`AGGREGATORS`.
 """
 
 from fedpeft.aggregation.base import AGGREGATORS, AggregationResult, Aggregator, ClientUpdate
+from fedpeft.aggregation.fedadam import FedAdam
 from fedpeft.aggregation.fedavg import FedAvg
+from fedpeft.aggregation.fedavgm import FedAvgM
+from fedpeft.aggregation.fedyogi import FedYogi
 
-__all__ = ["AGGREGATORS", "AggregationResult", "Aggregator", "ClientUpdate", "FedAvg"]
+__all__ = [
+    "AGGREGATORS",
+    "AggregationResult",
+    "Aggregator",
+    "ClientUpdate",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+]

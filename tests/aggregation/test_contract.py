@@ -32,7 +32,19 @@ def test_order_invariance(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_identical_updates_give_that_update(name: str) -> None:
+def test_identical_updates_act_as_one(name: str) -> None:
+    """Many clients sending the same delta == one client sending it (for any weights)."""
+    base = random_state(0)
+    delta = random_state(7)
+    same = [ClientUpdate(client_id=i, delta=delta, num_examples=i + 1) for i in range(3)]
+    many = AGGREGATORS.build(name, {}, "x").aggregate(base, same).state
+    one = AGGREGATORS.build(name, {}, "x").aggregate(base, same[:1]).state
+    for key in base:
+        torch.testing.assert_close(many[key], one[key])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])
+def test_averaging_aggregators_apply_an_identical_update(name: str) -> None:
     base = random_state(0)
     delta = random_state(7)
     same = [ClientUpdate(client_id=i, delta=delta, num_examples=i + 1) for i in range(3)]
@@ -56,11 +68,13 @@ def test_keys_shapes_and_dtypes_kept(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_are_respected(name: str) -> None:
+    """The step follows the client with more examples, and flips when weights swap."""
     base = {"w": torch.zeros(1)}
-    heavy = ClientUpdate(0, {"w": torch.ones(1)}, num_examples=1000)
-    light = ClientUpdate(1, {"w": -torch.ones(1)}, num_examples=1)
-    result = AGGREGATORS.build(name, {}, "x").aggregate(base, [heavy, light]).state
-    assert result["w"].item() > 0.9
+    for heavy_sign in (1.0, -1.0):
+        heavy = ClientUpdate(0, {"w": heavy_sign * torch.ones(1)}, num_examples=1000)
+        light = ClientUpdate(1, {"w": -heavy_sign * torch.ones(1)}, num_examples=1)
+        result = AGGREGATORS.build(name, {}, "x").aggregate(base, [heavy, light]).state
+        assert result["w"].item() * heavy_sign > 0
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -70,8 +70,8 @@ class DataConfig(_Section):
     ``test_split``.
     """
 
-    train: str = "builtin:sst2/train.tsv"
-    test: str = "builtin:sst2/test.tsv"
+    train: str = "builtin:sst2/train.jsonl"
+    test: str = "builtin:sst2/test.jsonl"
     format: Literal["auto", "tsv", "csv", "jsonl", "hf"] = "auto"
     train_split: str = "train"
     test_split: str = "test"

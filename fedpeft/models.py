@@ -258,16 +258,3 @@ def save_adapter(model: PeftModel, state: Mapping[str, Tensor], folder: str | Pa
     folder = Path(folder)
     model.save_pretrained(str(folder))
     return folder
-
-
-def load_saved_adapter(
-    model_config: ModelConfig, folder: str | Path, num_labels: int | None = None, seed: int = 0
-) -> LoadedModel:
-    """Load a fresh base model and a saved adapter onto it (inference mode)."""
-    tokenizer = load_tokenizer(model_config)
-    base = load_base_model(model_config, num_labels=num_labels, seed=seed)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    if not Path(folder).is_dir():
-        raise ModelLoadError(f"adapter folder not found: {folder}")
-    return LoadedModel(PeftModel.from_pretrained(base, str(folder)), tokenizer)

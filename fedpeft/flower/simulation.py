@@ -42,10 +42,7 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     def remember(history: RunHistory) -> None:
         outcome["history"] = history
 
-    def server_main_errors(context: object) -> Config:
-        return config
-
-    server_app = build_server_app(server_main_errors, lambda _: out_dir, on_finish=remember)
+    server_app = build_server_app(lambda _: config, lambda _: out_dir, on_finish=remember)
     client_app = build_client_app(
         lambda _: config, torch_threads=max(1, int(config.simulation.num_cpus_per_client))
     )

@@ -45,7 +45,7 @@ class ModelConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    """The peft adapter. Every key but ``method`` goes to peft's config class as is.
+    """The peft adapter. Every key but ``method`` and ``freeze_lora_a`` goes to peft.
 
     ``method`` is a peft ``PeftType`` (``lora``, ``ia3``, ``loha``, ...); the remaining
     keys are checked against that config class's fields when the config is loaded.
@@ -54,6 +54,8 @@ class AdapterConfig(_Section):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     method: str = "lora"
+    freeze_lora_a: bool = False
+    """FFA-LoRA: keep every LoRA A at its shared random init; only B trains and travels."""
 
     @property
     def options(self) -> dict[str, Any]:

@@ -100,6 +100,8 @@ def resolve_model_source(config: ModelConfig) -> ResolvedModelSource:
 def build_peft_config(adapter: AdapterConfig, task: Task) -> PeftConfig:
     """The peft config class named by ``adapter.method``, built from the other keys."""
     method = adapter.method.upper()
+    if adapter.freeze_lora_a and method != "LORA":
+        raise ConfigError(f"adapter.freeze_lora_a: only for method 'lora', not {adapter.method!r}")
     if method not in {str(m.value) for m in PEFT_TYPE_TO_CONFIG_MAPPING}:
         choices = ", ".join(sorted(str(m.value).lower() for m in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise ConfigError(f"adapter.method: unknown peft method {adapter.method!r} ({choices})")
@@ -179,6 +181,12 @@ def attach_adapter(base: PreTrainedModel, adapter: AdapterConfig, task: Task, se
     """Wrap ``base`` with a peft adapter; only the adapter (and saved head) trains."""
     torch.manual_seed(seed)
     model = get_peft_model(base, build_peft_config(adapter, task))
+    if adapter.freeze_lora_a:
+        # FFA-LoRA (Sun et al., ICLR 2024): A stays at the seeded init shared by every
+        # process, so averaging the Bs averages the updates B A exactly.
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("adapter: the peft config leaves no trainable parameter")
     return model

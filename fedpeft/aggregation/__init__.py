@@ -8,6 +8,7 @@ from fedpeft.aggregation.fedadam import FedAdam
 from fedpeft.aggregation.fedavg import FedAvg
 from fedpeft.aggregation.fedavgm import FedAvgM
 from fedpeft.aggregation.fedyogi import FedYogi
+from fedpeft.aggregation.lora_product import LoraProduct
 
 __all__ = [
     "AGGREGATORS",
@@ -18,4 +19,5 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedYogi",
+    "LoraProduct",
 ]

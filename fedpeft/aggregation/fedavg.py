@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
+from fedpeft.aggregation._lora import factor_averaging_error, lora_pairs
 from fedpeft.aggregation._math import weighted_mean
 from fedpeft.aggregation.base import AGGREGATORS, AggregationResult, ClientUpdate
 from fedpeft.models import apply_delta
@@ -38,7 +39,13 @@ class FedAvg:
         """Average the deltas and step the global state."""
         weights = [float(u.num_examples) if self.weighted else 1.0 for u in updates]
         mean_delta = weighted_mean([u.delta for u in updates], weights)
-        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr))
+        metrics = {}
+        if lora_pairs(list(global_state)):
+            # How far averaging A and B apart is from averaging the clients' B_i A_i.
+            metrics["lora_factor_averaging_error"] = factor_averaging_error(
+                global_state, [u.delta for u in updates], weights
+            )
+        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics)
 
     def state_dict(self) -> dict[str, Any]:
         """FedAvg keeps no state between rounds."""

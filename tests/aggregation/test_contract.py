@@ -8,10 +8,15 @@ from fedpeft.aggregation import AGGREGATORS, ClientUpdate
 NAMES = AGGREGATORS.names()
 
 
+A, B = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
+
+
 def random_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One LoRA pair (rank 2, 6 -> 4) and a head bias, as peft names them."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "layer.lora_A": torch.randn(4, 6, generator=g).to(dtype),
+        A: torch.randn(2, 6, generator=g).to(dtype),
+        B: torch.randn(4, 2, generator=g).to(dtype),
         "head.bias": torch.randn(3, generator=g).to(dtype),
     }
 
@@ -69,12 +74,13 @@ def test_keys_shapes_and_dtypes_kept(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_are_respected(name: str) -> None:
     """The step follows the client with more examples, and flips when weights swap."""
-    base = {"w": torch.zeros(1)}
+    base = {k: torch.zeros_like(v) for k, v in random_state(0).items()}
     for heavy_sign in (1.0, -1.0):
-        heavy = ClientUpdate(0, {"w": heavy_sign * torch.ones(1)}, num_examples=1000)
-        light = ClientUpdate(1, {"w": -heavy_sign * torch.ones(1)}, num_examples=1)
+        heavy_delta = {k: heavy_sign * torch.ones_like(v) for k, v in base.items()}
+        heavy = ClientUpdate(0, heavy_delta, num_examples=1000)
+        light = ClientUpdate(1, {k: -v for k, v in heavy_delta.items()}, num_examples=1)
         result = AGGREGATORS.build(name, {}, "x").aggregate(base, [heavy, light]).state
-        assert result["w"].item() * heavy_sign > 0
+        assert (result["head.bias"] * heavy_sign > 0).all()
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -35,6 +35,8 @@ VARIANTS = [
     ("random_mask", {"density": 0.1, "dtype": "float16"}),
     ("topk", {"density": 0.1}),
     ("topk", {"density": 0.01, "dtype": "float16"}),
+    ("projection", {"directions": 32}),
+    ("projection", {"directions": 8}),
 ]
 
 

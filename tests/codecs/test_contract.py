@@ -33,10 +33,17 @@ def test_decode_keeps_names_shapes_and_dtypes(name: str) -> None:
         assert torch.isfinite(decoded[key]).all()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_density_one_or_dense_is_exact(name: str) -> None:
-    options = {} if name == "dense" else {"density": 1.0}
-    codec = CODECS.build(name, options, "x")
+EXACT_SETTINGS = {"dense": {}, "random_mask": {"density": 1.0}, "topk": {"density": 1.0}}
+APPROXIMATE_ONLY = {"projection"}
+
+
+def test_every_codec_is_classified() -> None:
+    assert set(NAMES) == set(EXACT_SETTINGS) | APPROXIMATE_ONLY
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_SETTINGS))
+def test_exact_setting_round_trips_exactly(name: str) -> None:
+    codec = CODECS.build(name, EXACT_SETTINGS[name], "x")
     decoded = codec.decode(codec.encode(delta(), CONTEXT, {}), CONTEXT, reference())
     for key, value in delta().items():
         torch.testing.assert_close(decoded[key], value, rtol=0, atol=0)

@@ -36,6 +36,7 @@ VARIANTS = [
     ("topk", {"density": 0.1}),
     ("topk", {"density": 0.01, "dtype": "float16"}),
     ("projection", {"directions": 32}),
+    ("projection", {"directions": 16}),
     ("projection", {"directions": 8}),
 ]
 

@@ -21,10 +21,7 @@ def config_from_run_config(context: Context) -> Config:
     """The Config named by the run config, with its overrides applied."""
     run_config = context.run_config
     name = str(run_config.get("config-file", "configs/default.toml"))
-    path = Path(name)
-    if not path.is_absolute():
-        app_dir = Path(str(run_config.get("app-dir", "."))) if "app-dir" in run_config else Path.cwd()
-        path = app_dir / path
+    path = Path(name)  # relative paths: the app's folder, where Flower runs the apps
     if not path.is_file():
         raise ConfigError(f"run config 'config-file': {path} not found")
     overrides = [s for s in str(run_config.get("config-overrides", "")).split(";") if s.strip()]

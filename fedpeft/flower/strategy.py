@@ -114,24 +114,14 @@ class AdapterStrategy(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
-                update, bytes_up, metrics = self._decode_reply(reply, server_round)
+                update, record = self._decode_reply(reply, server_round, node_id)
             except PayloadError as err:
                 logger.warning("round %d: rejected update from node %d: %s", server_round, node_id, err)
                 self.traffic.rejected.append({"node_id": node_id, "reason": str(err)})
                 continue
             updates.append(update)
-            train_loss = _float_metric(metrics, "train-loss")
-            losses.append((train_loss, update.num_examples))
-            self.traffic.clients.append(
-                ClientRoundRecord(
-                    client_id=update.client_id,
-                    bytes_up=bytes_up,
-                    bytes_down=self.traffic.bytes_down_by_node.get(node_id, 0),
-                    num_examples=update.num_examples,
-                    train_loss=train_loss,
-                    train_seconds=_float_metric(metrics, "train-seconds"),
-                )
-            )
+            losses.append((record.train_loss, update.num_examples))
+            self.traffic.clients.append(record)
         if len(updates) < self.federation.min_train_clients:
             logger.warning(
                 "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
@@ -149,7 +139,9 @@ class AdapterStrategy(Strategy):
         )
         return state_to_record(result.state), metrics
 
-    def _decode_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, int, MetricRecord]:
+    def _decode_reply(
+        self, reply: Message, server_round: int, node_id: int
+    ) -> tuple[ClientUpdate, ClientRoundRecord]:
         if reply.has_error():
             raise PayloadError(f"client failed: {reply.error.reason}")
         content = reply.content
@@ -163,14 +155,22 @@ class AdapterStrategy(Strategy):
             )
         metrics = content.metric_records[TRAIN_METRICS]
         client_id = _int_metric(metrics, "client-id")
-        _float_metric(metrics, "train-loss")
-        _float_metric(metrics, "train-seconds")
+        train_loss = _float_metric(metrics, "train-loss")
+        train_seconds = _float_metric(metrics, "train-seconds")
         num_examples = _int_metric(metrics, "num-examples")
         if num_examples <= 0:
             raise PayloadError(f"num-examples must be positive, got {num_examples}")
         context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
         delta = self.codec.decode(record_to_state(content.array_records[UPDATE]), context, self._global)
-        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), bytes_up, metrics
+        record = ClientRoundRecord(
+            client_id=client_id,
+            bytes_up=bytes_up,
+            bytes_down=self.traffic.bytes_down_by_node.get(node_id, 0),
+            num_examples=num_examples,
+            train_loss=train_loss,
+            train_seconds=train_seconds,
+        )
+        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), record
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -66,6 +66,13 @@ def _simulate(args: argparse.Namespace) -> None:
         f"down {format_bytes(total_down)}; adapter {format_bytes(meta['adapter_bytes'])} "
         f"vs full model {format_bytes(meta['base_model_bytes'])}"
     )
+    spent = rounds[-1].privacy
+    for unit in ("example", "client"):
+        if f"epsilon_{unit}" in spent:
+            print(
+                f"privacy ({unit}-level): epsilon {spent[f'epsilon_{unit}']:.3f} at delta "
+                f"{spent[f'delta_{unit}']:g}, from {args.out}/privacy_ledger.json"
+            )
     print(f"wrote {args.out}/config.toml, metrics.json and adapter/")
 
 

@@ -115,6 +115,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(default=16, gt=0)
     eval_batch_size: int = Field(default=64, gt=0)
     lr: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(default=0, ge=0)
@@ -147,6 +148,67 @@ class FederationConfig(_Section):
     round_timeout: float = Field(default=3600.0, gt=0)
 
 
+class SloraConfig(_Section):
+    """SLoRA's sparse first stage (see :mod:`fedpeft.slora`); ``rounds = 0`` turns it off.
+
+    For rounds 1..``rounds`` clients train a fixed shared random ``density`` fraction of
+    the base weights of every LoRA-adapted layer (LoRA frozen); after that the server
+    starts LoRA from the SVD of the aggregated sparse update and federation goes on as
+    configured. ``lr`` is stage 1's local learning rate (base weights usually want a
+    smaller one than LoRA); unset, it is ``train.lr``.
+    """
+
+    rounds: int = Field(default=0, ge=0)
+    density: float = Field(default=0.01, gt=0, le=1)
+    lr: float | None = Field(default=None, gt=0)
+
+
+class ExamplePrivacyConfig(_Section):
+    """Client-side DP-SGD (Opacus): protects each training *example* of a client.
+
+    Set ``noise_multiplier``, or ``target_epsilon`` (at ``delta``) for the client's whole
+    planned participation (every round x local steps), from which each client's noise
+    is calibrated. With both, the noise is fixed and ``target_epsilon`` is a budget: a
+    client whose next round would exceed it refuses to train.
+    """
+
+    enabled: bool = False
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> ExamplePrivacyConfig:
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("set privacy.example.noise_multiplier or privacy.example.target_epsilon")
+        return self
+
+
+class ClientPrivacyConfig(_Section):
+    """Server-side user-level DP (DP-FedAvg, McMahan et al. 2018): protects a whole *client*.
+
+    The server clips each client's decoded update to L2 norm ``clipping_norm``, averages
+    with equal weights over the sampled clients and adds Gaussian noise of std
+    ``noise_multiplier x clipping_norm / sampled clients`` before the aggregator steps.
+    """
+
+    enabled: bool = False
+    clipping_norm: float = Field(default=1.0, gt=0)
+    noise_multiplier: float = Field(default=1.0, ge=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: ``[privacy.example]`` on clients, ``[privacy.client]`` on the server."""
+
+    example: ExamplePrivacyConfig = Field(default_factory=ExamplePrivacyConfig)
+    client: ClientPrivacyConfig = Field(default_factory=ClientPrivacyConfig)
+
+
 class SimulationConfig(_Section):
     """Resources of each virtual client in Flower's simulation engine."""
 
@@ -164,7 +226,38 @@ class Config(_Section):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    slora: SloraConfig = Field(default_factory=SloraConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> Config:
+        if not self.privacy.example.enabled:
+            return self
+        if self.train.grad_accumulation != 1:
+            raise ValueError(
+                "privacy.example needs train.grad_accumulation = 1 (each Poisson batch is one step)"
+            )
+        if self.slora.rounds:
+            raise ValueError(
+                "privacy.example does not support slora's sparse stage (no per-example gradients)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _slora_fits(self) -> Config:
+        if self.slora.rounds == 0:
+            return self
+        if self.adapter.method.lower() != "lora":
+            raise ValueError(f"slora needs adapter.method = 'lora', got {self.adapter.method!r}")
+        if self.slora.rounds >= self.federation.rounds:
+            raise ValueError(
+                f"slora.rounds ({self.slora.rounds}) must be below federation.rounds "
+                f"({self.federation.rounds}): stage 2 (LoRA) needs at least one round"
+            )
+        if self.federation.aggregator == "lora_product":
+            raise ValueError("slora: stage 1 has no LoRA factors for aggregator lora_product; use fedavg")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, ``None`` values dropped (TOML has no null)."""

@@ -23,3 +23,7 @@ class ModelLoadError(FedPeftError):
 
 class PayloadError(FedPeftError):
     """A client update has wrong keys, shapes or dtypes, non-finite values or is too large."""
+
+
+class PrivacyBudgetExhausted(FedPeftError):
+    """A client's next round would spend more than its privacy.example.target_epsilon."""

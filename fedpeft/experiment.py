@@ -8,6 +8,7 @@ serves many rounds and many virtual clients loads the model once.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from typing import ClassVar
 
@@ -17,10 +18,14 @@ from torch.utils.data import DataLoader
 
 from fedpeft.aggregation import AGGREGATORS, Aggregator
 from fedpeft.codecs import CODECS, UpdateCodec
-from fedpeft.config import Config
+from fedpeft.config import Config, TrainConfig
 from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
+from fedpeft.errors import ConfigError
 from fedpeft.models import AdapterState, LoadedModel, adapter_state, build_model
-from fedpeft.training import make_loader, resolve_device, tokenize
+from fedpeft.privacy.dp_sgd import sample_rate_of, steps_per_round
+from fedpeft.privacy.ledger import calibrate_noise
+from fedpeft.slora import SloraStages, Stage
+from fedpeft.training import make_collator, make_loader, resolve_device, tokenize
 
 
 class Experiment:
@@ -68,9 +73,29 @@ class Experiment:
         )
 
     @cached_property
+    def slora(self) -> SloraStages | None:
+        """SLoRA's stage switch, or None when ``slora.rounds`` is 0."""
+        if self.config.slora.rounds == 0:
+            return None
+        return SloraStages(self.config.slora, self.config.seed, self.model.model)
+
+    def prepare_round(self, server_round: int) -> Stage | None:
+        """Set the model up for ``server_round`` (SLoRA's stage; a no-op otherwise)."""
+        return None if self.slora is None else self.slora.enter_round(server_round)
+
+    @cached_property
     def initial_state(self) -> AdapterState:
         """The adapter as initialised under the run seed (the round-0 global adapter)."""
+        self.prepare_round(1)
         return adapter_state(self.model.model)
+
+    def train_config_for(self, server_round: int) -> TrainConfig:
+        """Local training settings of ``server_round`` (SLoRA's stage 1 may set its own lr)."""
+        slora = self.config.slora
+        in_stage_one = self.slora is not None and self.slora.stage_of(server_round) == "sparse"
+        if in_stage_one and slora.lr is not None:
+            return self.config.train.model_copy(update={"lr": slora.lr})
+        return self.config.train
 
     @cached_property
     def device(self) -> torch.device:
@@ -89,6 +114,45 @@ class Experiment:
         return AGGREGATORS.build(
             federation.aggregator, federation.aggregator_options, "federation.aggregator_options"
         )
+
+    @cached_property
+    def collator(self) -> Callable[[list[dict]], dict]:
+        """Pads tokenized examples into a batch."""
+        return make_collator(self.model.tokenizer, self.config.model.task)
+
+    @cached_property
+    def privacy_plan(self) -> dict[int, float]:
+        """Each client's DP-SGD noise multiplier (empty without ``privacy.example``).
+
+        Fixed, or calibrated so that the client's planned participation (every round,
+        ``steps_per_round`` Poisson steps each) spends at most ``target_epsilon``.
+        Computed for every client at start, so an impossible target fails before any
+        training, naming the client and the numbers.
+        """
+        privacy = self.config.privacy.example
+        if not privacy.enabled:
+            return {}
+        plan = {}
+        for client_id, size in enumerate(self.partitions.sizes()):
+            if privacy.noise_multiplier is not None:
+                plan[client_id] = privacy.noise_multiplier
+                continue
+            assert privacy.target_epsilon is not None
+            rate = sample_rate_of(self.config.train.batch_size, size)
+            steps = self.config.federation.rounds * steps_per_round(self.config.train, size)
+            try:
+                plan[client_id] = calibrate_noise(
+                    privacy.target_epsilon, privacy.delta, rate, steps, privacy.accountant
+                )
+            except ValueError as err:
+                raise ConfigError(
+                    f"privacy.example.target_epsilon: client {client_id} ({size} examples): {err}"
+                ) from None
+        return plan
+
+    def tokenized_partition(self, client_id: int) -> datasets.Dataset:
+        """The client's training examples, tokenized (cached)."""
+        return self._tokenized_partition(client_id)
 
     def _tokenized_partition(self, client_id: int) -> datasets.Dataset:
         if client_id not in self._tokenized:

@@ -23,6 +23,11 @@ class ClientRoundRecord:
     num_examples: int
     train_loss: float
     train_seconds: float
+    dp_noise_multiplier: float | None = None
+    dp_sample_rate: float | None = None
+    dp_steps: int | None = None
+    epsilon: float | None = None
+    """The epsilon the client reported for itself (the ledger's is in ``privacy``)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     per_client: list[ClientRoundRecord] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, float] = field(default_factory=dict)
+    """Epsilon spent so far, from the run's privacy ledger: ``epsilon_example`` (max over
+    clients) with ``delta_example``, ``epsilon_client`` with ``delta_client``."""
 
 
 @dataclass

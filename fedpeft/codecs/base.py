@@ -42,7 +42,8 @@ class CodecContext:
 CodecMemory = dict[str, Tensor]
 """A client's codec state across rounds (e.g. the error-feedback residual).
 
-The client keeps it in its Flower ``Context.state``; it never travels.
+Keyed by adapter tensor name; the client keeps it in its Flower ``Context.state`` and
+drops entries of tensors it no longer trains. It never travels.
 """
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.client import run_client_round
@@ -16,6 +17,7 @@ from fedpeft.experiment import Experiment
 from fedpeft.flower.records import (
     CODEC_MEMORY,
     GLOBAL_ADAPTER,
+    PRIVACY_LEDGER,
     ROUND_CONFIG,
     TRAIN_METRICS,
     UPDATE,
@@ -23,6 +25,7 @@ from fedpeft.flower.records import (
     state_to_record,
 )
 from fedpeft.flower.run_config import config_from_run_config
+from fedpeft.privacy.ledger import PrivacyLedger
 
 
 def client_id_of(context: Context) -> int:
@@ -59,18 +62,32 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         global_state = record_to_state(msg.content.array_records[GLOBAL_ADAPTER])
         stored = context.state.array_records.get(CODEC_MEMORY)
         memory = record_to_state(stored) if stored is not None else {}
-        result = run_client_round(experiment, client_id, global_state, server_round, memory)
+        # The client's DP events persist in its own state, so epsilon composes over
+        # every round it takes part in, across server restarts of the same SuperNode.
+        ledger_record = context.state.config_records.get(PRIVACY_LEDGER)
+        ledger = PrivacyLedger.from_json(str(ledger_record["events"])) if ledger_record else PrivacyLedger()
+        result = run_client_round(experiment, client_id, global_state, server_round, memory, ledger)
         if memory:
             context.state[CODEC_MEMORY] = state_to_record(memory)
-        metrics = MetricRecord(
-            {
-                "client-id": client_id,
-                "num-examples": result.num_examples,
-                "train-loss": result.train_loss,
-                "steps": result.steps,
-                "train-seconds": time.monotonic() - started,
-            }
-        )
+        values: dict[str, int | float | list[int] | list[float]] = {
+            "client-id": client_id,
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            "steps": result.steps,
+            "train-seconds": time.monotonic() - started,
+        }
+        if result.privacy is not None:
+            context.state[PRIVACY_LEDGER] = ConfigRecord({"events": ledger.to_json()})
+            values.update(
+                {
+                    "dp-noise-multiplier": result.privacy.noise_multiplier,
+                    "dp-sample-rate": result.privacy.sample_rate,
+                    "dp-steps": result.privacy.steps,
+                }
+            )
+            if result.epsilon is not None and math.isfinite(result.epsilon):
+                values["epsilon"] = result.epsilon
+        metrics = MetricRecord(values)
         content = RecordDict({UPDATE: state_to_record(result.payload), TRAIN_METRICS: metrics})
         return Message(content=content, reply_to=msg)
 

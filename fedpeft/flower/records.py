@@ -13,9 +13,12 @@ GLOBAL_ADAPTER = "global-adapter"
 UPDATE = "update"
 """ArrayRecord a client sends up: its encoded delta (the codec payload)."""
 TRAIN_METRICS = "train-metrics"
-"""MetricRecord a client sends up: client-id, num-examples, train-loss, steps."""
+"""MetricRecord a client sends up: client-id, num-examples, train-loss, steps and, under
+DP-SGD, dp-noise-multiplier, dp-sample-rate, dp-steps and epsilon."""
 CODEC_MEMORY = "codec-memory"
 """ArrayRecord a client keeps in its own Context.state: its codec's memory (never sent)."""
+PRIVACY_LEDGER = "privacy-ledger"
+"""ConfigRecord a client keeps in its own Context.state: its DP events as JSON (never sent)."""
 ROUND_CONFIG = "config"
 """ConfigRecord the server sends down: server-round."""
 

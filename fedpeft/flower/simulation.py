@@ -36,6 +36,12 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     print(f"partitions ({config.partition.scheme}, {config.partition.num_clients} clients):")
     print(experiment.partitions.summary(experiment.data.label_names))
     _ = experiment.model
+    if config.privacy.example.enabled:
+        plan = experiment.privacy_plan
+        print(
+            f"DP-SGD noise multiplier per client: {min(plan.values()):.3f} .. {max(plan.values()):.3f} "
+            f"(clipping {config.privacy.example.max_grad_norm}, delta {config.privacy.example.delta})"
+        )
 
     outcome: dict[str, object] = {}
 

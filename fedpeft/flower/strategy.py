@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
 from fedpeft.codecs import CodecContext, UpdateCodec
-from fedpeft.config import FederationConfig
+from fedpeft.config import ClientPrivacyConfig, FederationConfig
 from fedpeft.errors import PayloadError
 from fedpeft.flower.records import (
     GLOBAL_ADAPTER,
@@ -33,6 +33,7 @@ from fedpeft.flower.records import (
     state_to_record,
 )
 from fedpeft.history import ClientRoundRecord
+from fedpeft.privacy.central import noisy_mean
 
 logger = logging.getLogger("fedpeft")
 
@@ -55,16 +56,25 @@ class AdapterStrategy(Strategy):
         codec: Decodes each client's payload.
         aggregator: Combines decoded deltas into the next global state.
         run_seed: Seeds client sampling and the codecs' shared randomness.
+        central_privacy: User-level DP (DP-FedAvg): clip, average equally, add noise
+            before the aggregator steps. None or disabled: off.
 
     """
 
     def __init__(
-        self, federation: FederationConfig, codec: UpdateCodec, aggregator: Aggregator, run_seed: int
+        self,
+        federation: FederationConfig,
+        codec: UpdateCodec,
+        aggregator: Aggregator,
+        run_seed: int,
+        central_privacy: ClientPrivacyConfig | None = None,
     ) -> None:
         self.federation = federation
         self.codec = codec
         self.aggregator = aggregator
         self.run_seed = run_seed
+        self.central_privacy = central_privacy if central_privacy and central_privacy.enabled else None
+        self.sampled = 0
         self._global: dict[str, Tensor] = {}
         self.traffic = RoundTraffic()
 
@@ -92,7 +102,9 @@ class AdapterStrategy(Strategy):
         self.traffic = RoundTraffic()
         round_config = ConfigRecord({**config, "server-round": server_round})
         messages = []
-        for node_id in self.sample_nodes(server_round, grid):
+        nodes = self.sample_nodes(server_round, grid)
+        self.sampled = len(nodes)
+        for node_id in nodes:
             content = RecordDict({GLOBAL_ADAPTER: arrays, ROUND_CONFIG: round_config})
             self.traffic.bytes_down_by_node[node_id] = content_nbytes(content)
             messages.append(
@@ -131,7 +143,13 @@ class AdapterStrategy(Strategy):
                 self.federation.min_train_clients,
             )
             return None, None
+        privacy_metrics: dict[str, float] = {}
+        if self.central_privacy is not None:
+            # User-level DP: the aggregator only ever sees the noised mean.
+            noised, privacy_metrics = noisy_mean(updates, self.sampled, self.central_privacy)
+            updates = [noised]
         result = self.aggregator.aggregate(self._global, updates)
+        result = AggregationResult(result.state, {**privacy_metrics, **result.metrics})
         self.traffic.aggregation = result
         total = sum(n for _, n in losses)
         metrics = MetricRecord(
@@ -162,6 +180,17 @@ class AdapterStrategy(Strategy):
             raise PayloadError(f"num-examples must be positive, got {num_examples}")
         context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
         delta = self.codec.decode(record_to_state(content.array_records[UPDATE]), context, self._global)
+        dp: dict[str, float | int] = {}
+        if "dp-noise-multiplier" in metrics:
+            dp = {
+                "dp_noise_multiplier": _float_metric(metrics, "dp-noise-multiplier"),
+                "dp_sample_rate": _float_metric(metrics, "dp-sample-rate"),
+                "dp_steps": _int_metric(metrics, "dp-steps"),
+            }
+            if "epsilon" in metrics:  # absent when infinite (noise multiplier 0)
+                dp["epsilon"] = _float_metric(metrics, "epsilon")
+            if not 0 < dp["dp_sample_rate"] <= 1 or dp["dp_noise_multiplier"] < 0 or dp["dp_steps"] < 0:
+                raise PayloadError(f"DP metrics out of range: {dp}")
         record = ClientRoundRecord(
             client_id=client_id,
             bytes_up=bytes_up,
@@ -169,6 +198,7 @@ class AdapterStrategy(Strategy):
             num_examples=num_examples,
             train_loss=train_loss,
             train_seconds=train_seconds,
+            **dp,  # type: ignore[arg-type]
         )
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), record
 

@@ -1,8 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
 
+from fedpeft.client import run_client_round
 from fedpeft.codecs import CodecContext, Projection
 from fedpeft.codecs.projection import group_into_blocks
+from fedpeft.config import parse_config
+from fedpeft.experiment import Experiment
+from fedpeft.models import adapter_state, state_delta
+from tests.conftest import tiny_config
 
 
 def reconstruct(codec: Projection, delta: dict, seed: int) -> dict:
@@ -60,3 +67,35 @@ def test_error_falls_as_k_grows() -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="directions"):
         Projection(directions=0)
+
+
+def test_full_parameter_deltas_of_selected_layers_travel_as_coefficients(
+    tiny_bert_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    """As in Ferret: whole layers train (peft ``modules_to_save``) and only K numbers per
+    block travel for them, whatever their size."""
+    data = tiny_config(tiny_bert_dir, sentiment_files)
+    data["adapter"]["modules_to_save"] = ["classifier", "layer.1.output.dense"]
+    data["federation"].update(codec="projection", codec_options={"directions": 8})
+    experiment = Experiment(parse_config(data))
+    global_state = dict(experiment.initial_state)
+    full = [n for n in global_state if "layer.1.output.dense.modules_to_save" in n]
+    assert {global_state[n].shape for n in full} == {torch.Size([32, 64]), torch.Size([32])}
+
+    result = run_client_round(experiment, 0, global_state, server_round=1)
+    true_delta = state_delta(adapter_state(experiment.model.model), global_state)
+    assert all(true_delta[n].abs().sum() > 0 for n in full)  # the whole layer trained
+    coefficients = result.payload["coefficients"]
+    blocks = experiment.codec.blocks({n: t.shape for n, t in global_state.items()})  # type: ignore[attr-defined]
+    assert result.payload.keys() == {"coefficients"} and coefficients.shape == (len(blocks), 8)
+    assert coefficients.numel() < sum(global_state[n].numel() for n in full)
+
+    context = CodecContext(run_seed=0, server_round=1, client_id=0)
+    decoded = experiment.codec.decode(result.payload, context, global_state)
+    assert {n: t.shape for n, t in decoded.items()} == {n: t.shape for n, t in global_state.items()}
+    # Each block's estimate is the projection onto the K directions, scaled by 1/K:
+    # <estimate, delta> = ||gamma||^2 / K > 0 for every block with a nonzero update.
+    for names in blocks:
+        if any(n in full for n in names):
+            inner = sum(float((decoded[n] * true_delta[n]).sum()) for n in names)
+            assert inner > 0

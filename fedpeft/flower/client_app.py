@@ -12,10 +12,11 @@ from flwr.clientapp import ClientApp
 
 from fedpeft.client import run_client_round
 from fedpeft.config import Config
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
 from fedpeft.flower.records import (
     CODEC_MEMORY,
+    DECLINED,
     GLOBAL_ADAPTER,
     PRIVACY_LEDGER,
     ROUND_CONFIG,
@@ -66,7 +67,12 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         # every round it takes part in, across server restarts of the same SuperNode.
         ledger_record = context.state.config_records.get(PRIVACY_LEDGER)
         ledger = PrivacyLedger.from_json(str(ledger_record["events"])) if ledger_record else PrivacyLedger()
-        result = run_client_round(experiment, client_id, global_state, server_round, memory, ledger)
+        try:
+            result = run_client_round(experiment, client_id, global_state, server_round, memory, ledger)
+        except PrivacyBudgetExhausted as err:
+            # Not a failure: the client keeps its promise. Say so instead of raising,
+            # which Flower would log as a crash with a traceback.
+            return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
         if memory:
             context.state[CODEC_MEMORY] = state_to_record(memory)
         values: dict[str, int | float | list[int] | list[float]] = {

@@ -19,6 +19,8 @@ CODEC_MEMORY = "codec-memory"
 """ArrayRecord a client keeps in its own Context.state: its codec's memory (never sent)."""
 PRIVACY_LEDGER = "privacy-ledger"
 """ConfigRecord a client keeps in its own Context.state: its DP events as JSON (never sent)."""
+DECLINED = "declined"
+"""ConfigRecord a client sends instead of an update when it will not train: its reason."""
 ROUND_CONFIG = "config"
 """ConfigRecord the server sends down: server-round."""
 

@@ -24,6 +24,7 @@ from fedpeft.codecs import CodecContext, UpdateCodec
 from fedpeft.config import ClientPrivacyConfig, FederationConfig
 from fedpeft.errors import PayloadError
 from fedpeft.flower.records import (
+    DECLINED,
     GLOBAL_ADAPTER,
     ROUND_CONFIG,
     TRAIN_METRICS,
@@ -163,6 +164,8 @@ class AdapterStrategy(Strategy):
         if reply.has_error():
             raise PayloadError(f"client failed: {reply.error.reason}")
         content = reply.content
+        if DECLINED in content.config_records:
+            raise PayloadError(f"client declined to train: {content.config_records[DECLINED]['reason']}")
         if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
             raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
         bytes_up = content_nbytes(content)

@@ -110,3 +110,57 @@ def test_error_feedback_memory_persists_in_client_state(tiny_config_data: dict) 
     assert any(t.abs().sum() > 0 for t in memory.values())  # the unsent 95 %
     sent = record_to_state(reply.content.array_records[UPDATE])
     assert all(name.endswith(("/indices", "/values")) for name in sent)
+
+
+def test_privacy_ledger_persists_in_client_state_and_a_spent_client_declines(tiny_config_data: dict) -> None:
+    from fedpeft.aggregation import AGGREGATORS
+    from fedpeft.codecs import CODECS
+    from fedpeft.flower.records import DECLINED, PRIVACY_LEDGER
+    from fedpeft.flower.strategy import AdapterStrategy
+    from fedpeft.privacy import PrivacyLedger
+
+    tiny_config_data["train"] = {"steps": 3, "batch_size": 8}
+    tiny_config_data["privacy"] = {
+        "example": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 4.0}
+    }
+    experiment = Experiment(parse_config(tiny_config_data))
+    Experiment._cache[experiment.config.fingerprint()] = experiment
+    app = build_client_app(lambda _: experiment.config)
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    epsilons = []
+    for _ in range(30):
+        reply = app(train_message(experiment), context)
+        assert not reply.has_error()
+        if DECLINED in reply.content.config_records:
+            break
+        epsilons.append(reply.content.metric_records[TRAIN_METRICS]["epsilon"])
+        ledger = PrivacyLedger.from_json(str(context.state.config_records[PRIVACY_LEDGER]["events"]))
+        assert len(ledger.events) == len(epsilons)
+    else:
+        raise AssertionError("the client never ran out of budget")
+    assert len(epsilons) > 2 and epsilons == sorted(epsilons) and 0 < epsilons[-1] <= 4.0
+    assert "privacy budget spent" in str(reply.content.config_records[DECLINED]["reason"])
+
+    # The server logs it as a refusal with the client's reason and aggregates nothing from it.
+    strategy = AdapterStrategy(
+        experiment.config.federation, CODECS.build("dense", {}, ""), AGGREGATORS.build("fedavg", {}, ""), 0
+    )
+    strategy.configure_train(
+        1,
+        state_to_record(experiment.initial_state),
+        ConfigRecord(),
+        _Grid(experiment.config.partition.num_clients),
+    )
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    assert arrays is None
+    assert "client declined to train" in strategy.traffic.rejected[0]["reason"]
+
+
+class _Grid:
+    """The part of Flower's Grid that node sampling reads: ``count`` connected nodes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.count + 1))

@@ -27,3 +27,7 @@ class PayloadError(FedPeftError):
 
 class PrivacyBudgetExhausted(FedPeftError):
     """A client's next round would spend more than its privacy.example.target_epsilon."""
+
+
+class AttackError(FedPeftError):
+    """An attack cannot run on this observation or model (the message says which part)."""

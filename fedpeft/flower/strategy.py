@@ -165,7 +165,9 @@ class AdapterStrategy(Strategy):
             raise PayloadError(f"client failed: {reply.error.reason}")
         content = reply.content
         if DECLINED in content.config_records:
-            raise PayloadError(f"client declined to train: {content.config_records[DECLINED]['reason']}")
+            reason = content.config_records[DECLINED].get("reason", "no reason given")
+            text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+            raise PayloadError(f"client declined to train: {text}")
         if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
             raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
         bytes_up = content_nbytes(content)

@@ -1,0 +1,20 @@
+"""Gradient-inversion attacks on the updates clients send, and their metrics.
+
+Importing this package registers every attack in :data:`ATTACKS`.
+"""
+
+from fedpeft.attacks.base import ATTACKS, Attack, Reconstruction
+from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
+from fedpeft.attacks.observation import Observation, ThreatModel
+from fedpeft.attacks.token_set import TokenSet
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "LeakageMetrics",
+    "Observation",
+    "Reconstruction",
+    "ThreatModel",
+    "TokenSet",
+    "score_reconstruction",
+]

@@ -1,0 +1,180 @@
+"""Token-set recovery on tiny models loaded through from_pretrained, with updates made
+by fedpeft's own local training (one plain-SGD step: the FedSGD threat model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
+from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
+from fedpeft.errors import AttackError
+from fedpeft.models import LoadedModel, adapter_state, build_model, load_adapter_state, state_delta
+from fedpeft.training import make_loader, tokenize, train_local
+
+SENTENCES = ["the quiet river runs past old mills", "a bright comet crossed the northern sky tonight"]
+
+
+def malicious_global_state(loaded: LoadedModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The adapter a malicious server sends: peft's init turned around, A = 0 and B drawn.
+
+    B != 0 makes dL/dA carry the layer's inputs; A = 0 keeps the model's output that of
+    the base model (nothing looks wrong) and makes the client's delta of A exact in
+    float32 (no large A to subtract it from).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = adapter_state(loaded.model)
+    for name, value in state.items():
+        if ".lora_B." in name:
+            state[name] = torch.randn(value.shape, generator=generator) * 0.5
+        elif ".lora_A." in name:
+            state[name] = torch.zeros_like(value)
+    return state
+
+
+def fedsgd_observation(
+    loaded: LoadedModel, global_state: dict, texts: list[str], task: str, noise_std: float = 0.0
+) -> tuple[Observation, list[list[int]]]:
+    """One client round under FedSGD: one SGD step on one batch of ``texts``."""
+    load_adapter_state(loaded.model, global_state)
+    rows = {"text": texts} | ({"label": [0] * len(texts)} if task == "sequence-classification" else {})
+    encoded = tokenize(datasets.Dataset.from_dict(rows), loaded.tokenizer, 64, task)  # type: ignore[arg-type]
+    loader = make_loader(encoded, loaded.tokenizer, task, batch_size=len(texts), shuffle=False)  # type: ignore[arg-type]
+    lr = 0.1
+    torch.manual_seed(0)
+    train_local(
+        loaded.model,
+        loader,
+        TrainConfig(steps=1, batch_size=len(texts), lr=lr, optimizer="sgd"),
+        torch.device("cpu"),
+    )
+    update = state_delta(adapter_state(loaded.model), global_state)
+    if noise_std:
+        generator = torch.Generator().manual_seed(1)
+        update = {k: v + noise_std * torch.randn(v.shape, generator=generator) for k, v in update.items()}
+    observation = Observation("malicious", global_state, update, learning_rate=lr)
+    return observation, [list(ids) for ids in encoded["input_ids"]]
+
+
+def no_dropout(loaded: LoadedModel) -> LoadedModel:
+    """The malicious server ships the model config: no dropout on the way to layer 0."""
+    for module in loaded.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return loaded
+
+
+@pytest.fixture()
+def tiny_llama(tiny_llama_dir: Path) -> LoadedModel:
+    adapter = AdapterConfig(
+        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )  # type: ignore[call-arg]
+    return no_dropout(build_model(ModelConfig(name_or_path=str(tiny_llama_dir), task="causal-lm"), adapter))
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
+    """A 2-layer BERT classifier initialised 10x wider than BERT's default.
+
+    A classifier's loss reaches the first layer's positions other than [CLS] only
+    through the second layer (with one layer, every projection's gradient is rank 1:
+    [CLS]'s attention mixes the inputs before the loss sees them). At BERT's default
+    init of std 0.02 that route carries 1e-7 of the gradient, float32's noise floor,
+    where a pretrained model carries plenty; std 0.2 restores it.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("encoder")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=48,
+        num_hidden_layers=2,
+        initializer_range=0.2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture()
+def tiny_bert(encoder_dir: Path) -> LoadedModel:
+    adapter = AdapterConfig(
+        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value"]
+    )  # type: ignore[call-arg]
+    return no_dropout(build_model(ModelConfig(name_or_path=str(encoder_dir)), adapter, num_labels=2))
+
+
+def test_decoder_batch_of_one_is_recovered_exactly(tiny_llama: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_llama, malicious_global_state(tiny_llama), SENTENCES[:1], "causal-lm"
+    )
+    result = ATTACKS.build("token_set", {}, "attack.options").reconstruct(observation, tiny_llama)
+    # The last token of a causal-LM example feeds only the unused last logit, so it
+    # never reaches the gradient; here it is [SEP], a special token.
+    visible = set(truth[0][:-1])
+    assert set(result.token_ids) == visible
+    assert max(result.token_scores) < 1e-3
+    metrics = score_reconstruction(result, truth, tiny_llama.tokenizer)
+    assert metrics.token_recall == 1.0 and metrics.token_precision == 1.0
+    assert metrics.rouge1 == pytest.approx(1.0)
+
+
+def test_encoder_batch_of_one_is_recovered_token_by_position(tiny_bert: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    result = ATTACKS.build("token_set", {}, "attack.options").reconstruct(observation, tiny_bert)
+    assert set(result.token_ids) == set(truth[0])
+    assert result.sequences == (tuple(truth[0]),)
+    metrics = score_reconstruction(result, truth, tiny_bert.tokenizer)
+    assert metrics.exact_sequence_rate == 1.0 and metrics.rougeL == pytest.approx(1.0)
+
+
+def test_span_check_rejects_tokens_absent_from_the_batch(tiny_llama: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_llama, malicious_global_state(tiny_llama), SENTENCES[:1], "causal-lm"
+    )
+    attack = ATTACKS.build("token_set", {}, "attack.options")
+    recovered = set(attack.reconstruct(observation, tiny_llama).token_ids)
+    absent = set(tiny_llama.tokenizer(SENTENCES[1])["input_ids"]) - set(truth[0])
+    assert absent and not (absent & recovered)
+
+
+def test_peft_init_with_b_zero_reveals_nothing(tiny_llama: LoadedModel) -> None:
+    observation, _ = fedsgd_observation(
+        tiny_llama, adapter_state(tiny_llama.model), SENTENCES[:1], "causal-lm"
+    )
+    result = ATTACKS.build("token_set", {}, "attack.options").reconstruct(observation, tiny_llama)
+    assert result.token_ids == () and result.details["gradient_rank"] == 0
+
+
+def test_a_noised_update_recovers_less_than_the_clean_one(tiny_llama: LoadedModel) -> None:
+    state = malicious_global_state(tiny_llama)
+    attack = ATTACKS.build("token_set", {}, "attack.options")
+    recalls = []
+    for noise in (0.0, 1e-3):
+        observation, truth = fedsgd_observation(
+            tiny_llama, state, SENTENCES[:1], "causal-lm", noise_std=noise
+        )
+        metrics = score_reconstruction(
+            attack.reconstruct(observation, tiny_llama), truth, tiny_llama.tokenizer
+        )
+        recalls.append(metrics.token_recall)
+    assert recalls[0] == 1.0 and recalls[1] < 0.5
+
+
+def test_without_lora_on_the_first_layer_the_attack_says_why(tiny_llama_dir: Path) -> None:
+    adapter = AdapterConfig(method="lora", r=4, target_modules=["o_proj"])  # type: ignore[call-arg]
+    loaded = build_model(ModelConfig(name_or_path=str(tiny_llama_dir), task="causal-lm"), adapter)
+    observation, _ = fedsgd_observation(loaded, adapter_state(loaded.model), SENTENCES[:1], "causal-lm")
+    with pytest.raises(AttackError, match="no LoRA on the first layer"):
+        ATTACKS.build("token_set", {}, "attack.options").reconstruct(observation, loaded)

@@ -6,6 +6,7 @@ Importing this package registers every attack in :data:`ATTACKS`.
 from fedpeft.attacks.base import ATTACKS, Attack, Reconstruction
 from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
 from fedpeft.attacks.observation import Observation, ThreatModel
+from fedpeft.attacks.sequence_assembly import SequenceAssembly
 from fedpeft.attacks.token_set import TokenSet
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "LeakageMetrics",
     "Observation",
     "Reconstruction",
+    "SequenceAssembly",
     "ThreatModel",
     "TokenSet",
     "score_reconstruction",

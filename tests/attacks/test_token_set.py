@@ -157,19 +157,53 @@ def test_peft_init_with_b_zero_reveals_nothing(tiny_llama: LoadedModel) -> None:
     assert result.token_ids == () and result.details["gradient_rank"] == 0
 
 
-def test_a_noised_update_recovers_less_than_the_clean_one(tiny_llama: LoadedModel) -> None:
+def dp_sgd_observation(
+    loaded: LoadedModel, global_state: dict, noise_multiplier: float, max_grad_norm: float
+) -> tuple[Observation, list[list[int]]]:
+    """One client round of real DP-SGD (Opacus, fedpeft's client path) on one sentence."""
+    from fedpeft.config import ExamplePrivacyConfig
+    from fedpeft.privacy.dp_sgd import train_local_private
+    from fedpeft.training import make_collator
+
+    load_adapter_state(loaded.model, global_state)
+    encoded = tokenize(datasets.Dataset.from_dict({"text": SENTENCES[:1]}), loaded.tokenizer, 64, "causal-lm")
+    privacy = ExamplePrivacyConfig(
+        enabled=True, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm
+    )
+    lr = 0.1
+    train_local_private(
+        loaded.model,
+        encoded,
+        make_collator(loaded.tokenizer, "causal-lm"),
+        "causal-lm",
+        TrainConfig(steps=1, batch_size=1, lr=lr, optimizer="sgd"),
+        privacy,
+        noise_multiplier,
+        torch.device("cpu"),
+        batches=[[0]],
+    )
+    update = state_delta(adapter_state(loaded.model), global_state)
+    return Observation("malicious", global_state, update, learning_rate=lr), [list(encoded[0]["input_ids"])]
+
+
+def test_dp_sgd_noise_hides_the_batch_from_the_span_check(tiny_llama: LoadedModel) -> None:
     state = malicious_global_state(tiny_llama)
     attack = ATTACKS.build("token_set", {}, "attack.options")
-    recalls = []
-    for noise in (0.0, 1e-3):
-        observation, truth = fedsgd_observation(
-            tiny_llama, state, SENTENCES[:1], "causal-lm", noise_std=noise
-        )
-        metrics = score_reconstruction(
-            attack.reconstruct(observation, tiny_llama), truth, tiny_llama.tokenizer
-        )
-        recalls.append(metrics.token_recall)
-    assert recalls[0] == 1.0 and recalls[1] < 0.5
+    recall = {}
+    # sigma = 0 with a clip no gradient reaches is non-private training through the
+    # same Opacus path; sigma = 1 is the noise of a typical epsilon-8 run. The noise
+    # comes from the OS (never seeded), so this is a statistical claim: over 3 draws.
+    for sigma, clip in ((0.0, 1e6), (1.0, 1.0)):
+        recalls = []
+        for _ in range(3 if sigma else 1):
+            observation, truth = dp_sgd_observation(tiny_llama, state, sigma, clip)
+            metrics = score_reconstruction(
+                attack.reconstruct(observation, tiny_llama), truth, tiny_llama.tokenizer
+            )
+            recalls.append(metrics.token_recall)
+        recall[sigma] = sum(recalls) / len(recalls)
+    assert recall[0.0] == 1.0
+    assert recall[1.0] < 0.2
 
 
 def test_without_lora_on_the_first_layer_the_attack_says_why(tiny_llama_dir: Path) -> None:
@@ -178,3 +212,38 @@ def test_without_lora_on_the_first_layer_the_attack_says_why(tiny_llama_dir: Pat
     observation, _ = fedsgd_observation(loaded, adapter_state(loaded.model), SENTENCES[:1], "causal-lm")
     with pytest.raises(AttackError, match="no LoRA on the first layer"):
         ATTACKS.build("token_set", {}, "attack.options").reconstruct(observation, loaded)
+
+
+def test_sequence_assembly_orders_a_decoder_batch_of_one(tiny_llama: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_llama, malicious_global_state(tiny_llama), SENTENCES[:1], "causal-lm"
+    )
+    result = ATTACKS.build("sequence_assembly", {}, "attack.options").reconstruct(observation, tiny_llama)
+    # Everything but the last token ([SEP] here), in order.
+    assert result.sequences[0] == tuple(truth[0][:-1])
+    metrics = score_reconstruction(result, truth, tiny_llama.tokenizer)
+    assert metrics.rouge2 == pytest.approx(1.0) and metrics.rougeL == pytest.approx(1.0)
+
+
+def test_sequence_assembly_refuses_encoders_and_says_what_to_use(tiny_bert: LoadedModel) -> None:
+    observation, _ = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    with pytest.raises(AttackError, match="token_set attack orders tokens by position"):
+        ATTACKS.build("sequence_assembly", {}, "attack.options").reconstruct(observation, tiny_bert)
+
+
+def test_sequence_assembly_separates_a_batch_of_two(tiny_llama_dir: Path) -> None:
+    # q, k and v with r = 8 stack to rank 24: room for the 2 x 9 positions of the batch.
+    adapter = AdapterConfig(
+        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]
+    )  # type: ignore[call-arg]
+    loaded = no_dropout(build_model(ModelConfig(name_or_path=str(tiny_llama_dir), task="causal-lm"), adapter))
+    texts = ["the quiet river runs past old mills", "a bright comet crossed the sky"]
+    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), texts, "causal-lm")
+    result = ATTACKS.build("sequence_assembly", {}, "attack.options").reconstruct(observation, loaded)
+    pad = loaded.tokenizer.pad_token_id
+    expected = {tuple(t for t in ids if t != pad)[:-1] for ids in truth}
+    assert expected <= set(result.sequences)
+    metrics = score_reconstruction(result, truth, loaded.tokenizer)
+    assert metrics.token_recall == 1.0 and metrics.rouge1 > 0.9

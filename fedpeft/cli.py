@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft simulate | validate``."""
+"""Command line: ``fedpeft simulate | attack | validate``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(simulate)
     simulate.add_argument("--out", type=Path, required=True, help="run folder to write")
     simulate.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+
+    attack = commands.add_parser(
+        "attack",
+        help="run a federation that captures client updates, then attack them",
+        description="Runs the config's federation on the simulation engine with [capture] on "
+        "(the server saves the decoded updates it receives), then the [attack] on each "
+        "captured update, scored against the batch the client really trained on.",
+    )
+    _add_config_args(attack)
+    attack.add_argument("--out", type=Path, required=True, help="run folder to write")
+    attack.add_argument(
+        "--captures",
+        type=Path,
+        default=None,
+        help="attack the captures in this folder instead of running the federation",
+    )
+    attack.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
 
     validate = commands.add_parser("validate", help="check a config and print it resolved")
     _add_config_args(validate)
@@ -76,6 +93,71 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/config.toml, metrics.json and adapter/")
 
 
+def _attack(args: argparse.Namespace) -> None:
+    import json
+    from dataclasses import asdict
+
+    from fedpeft.attacks import ATTACKS
+    from fedpeft.attacks.capture import load_captures
+    from fedpeft.attacks.evaluation import attack_captures
+    from fedpeft.config import load_config
+    from fedpeft.errors import ConfigError
+    from fedpeft.experiment import Experiment
+    from fedpeft.flower.simulation import run_simulation
+
+    config = load_config(args.config, args.overrides)
+    if not config.capture.rounds:
+        raise ConfigError("capture.rounds: empty, so no update is captured to attack")
+    attack = ATTACKS.build(config.attack.name, config.attack.options, "attack.options")
+    folder = args.captures
+    if folder is None:
+        run_simulation(config, args.out, verbose=args.verbose)
+        folder = args.out / "captures"
+    captures = load_captures(folder)
+    print(f"attack {config.attack.name} on {len(captures)} captured update(s) from {folder}")
+    experiment = Experiment.cached(config)
+    outcomes = attack_captures(experiment, captures, attack)
+    tokenizer = experiment.model.tokenizer
+    print(
+        f"\n{'round':>5} {'client':>6} {'threat':>9} {'tok P':>6} {'tok R':>6} "
+        f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'exact':>6} {'s':>6}"
+    )
+    for o in outcomes:
+        m = o.metrics
+        print(
+            f"{o.server_round:>5} {o.client_id:>6} {o.threat_model:>9} {m.token_precision:>6.3f} "
+            f"{m.token_recall:>6.3f} {m.rouge1:>6.3f} {m.rouge2:>6.3f} {m.rougeL:>6.3f} "
+            f"{m.exact_sequence_rate:>6.3f} {o.seconds:>6.1f}"
+        )
+    for o in outcomes:
+        shown = list(o.reconstruction.sequences) or [o.reconstruction.token_ids]
+        for true, found in list(zip(o.truth, shown, strict=False))[: config.attack.show_examples]:
+            print(f"\nround {o.server_round} client {o.client_id}")
+            print(f"  true:      {tokenizer.decode(list(true), skip_special_tokens=True)}")
+            print(f"  recovered: {tokenizer.decode(list(found), skip_special_tokens=True)}")
+    report = {
+        "attack": config.attack.name,
+        "options": config.attack.options,
+        "config_fingerprint": config.fingerprint(),
+        "captures": str(folder),
+        "outcomes": [
+            {
+                "round": o.server_round,
+                "client": o.client_id,
+                "threat_model": o.threat_model,
+                "seconds": o.seconds,
+                "metrics": asdict(o.metrics),
+                "details": o.reconstruction.details,
+                "batch_size": len(o.truth),
+            }
+            for o in outcomes
+        ],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attack.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(f"\nwrote {args.out / 'attack.json'}")
+
+
 def _validate(args: argparse.Namespace) -> None:
     from fedpeft.config import load_config
 
@@ -88,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "httpx", "filelock", "alembic"):
+    for noisy in ("transformers", "datasets", "httpx", "filelock", "alembic", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not getattr(args, "verbose", False):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -100,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers_logging.disable_progress_bar()
     try:
-        {"simulate": _simulate, "validate": _validate}[args.command](args)
+        {"simulate": _simulate, "attack": _attack, "validate": _validate}[args.command](args)
     except FedPeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

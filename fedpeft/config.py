@@ -216,6 +216,39 @@ class SimulationConfig(_Section):
     num_gpus_per_client: float = Field(default=0.0, ge=0)
 
 
+class CaptureConfig(_Section):
+    """Client updates the server saves, as decoded, for the attack suite.
+
+    Saved under ``<out>/captures/``; ``fedpeft attack`` runs the configured attack on
+    them. Empty ``rounds`` captures nothing.
+    """
+
+    rounds: list[int] = Field(default_factory=list)
+    clients: list[int] = Field(default_factory=list)
+    """Client ids to capture; empty: every client sampled in a captured round."""
+    malicious: bool = False
+    """In captured rounds the server sends an adapter crafted for the attack (LoRA A = 0,
+    B drawn: the model computes what the base model does, and dL/dA carries the first
+    layers' inputs) and leaves the global adapter unchanged after the round."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> CaptureConfig:
+        if any(r < 1 for r in self.rounds):
+            raise ValueError(f"rounds are numbered from 1, got {self.rounds}")
+        if any(c < 0 for c in self.clients):
+            raise ValueError(f"client ids are >= 0, got {self.clients}")
+        return self
+
+
+class AttackConfig(_Section):
+    """The attack ``fedpeft attack`` runs on captured updates."""
+
+    name: str = "sequence_assembly"
+    options: dict[str, Any] = Field(default_factory=dict)
+    show_examples: int = Field(default=3, ge=0)
+    """Recovered-vs-true examples printed per captured update."""
+
+
 class Config(_Section):
     """A whole run. Mirrors the sections of ``configs/*.toml``."""
 
@@ -229,6 +262,19 @@ class Config(_Section):
     slora: SloraConfig = Field(default_factory=SloraConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+
+    @model_validator(mode="after")
+    def _capture_fits(self) -> Config:
+        late = [r for r in self.capture.rounds if r > self.federation.rounds]
+        if late:
+            raise ValueError(f"capture.rounds {late} are after the last round ({self.federation.rounds})")
+        clients = self.partition.num_clients
+        unknown = [c for c in self.capture.clients if c >= clients]
+        if unknown and self.partition.scheme != "column":
+            raise ValueError(f"capture.clients {unknown} outside 0..{clients - 1}")
+        return self
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> Config:

@@ -100,7 +100,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def _batches(loader: DataLoader, epochs: int, steps: int, accumulation: int) -> Iterator[dict]:
+def local_batches(loader: DataLoader, epochs: int, steps: int, accumulation: int) -> Iterator[dict]:
     """Micro-batches for ``epochs`` passes, or cycling until ``steps`` optimiser steps."""
     if epochs > 0:
         for _ in range(epochs):
@@ -149,7 +149,7 @@ def train_local(
     loss_sum, loss_count, steps, examples = 0.0, 0, 0, 0
     optimizer.zero_grad(set_to_none=True)
     pending = 0
-    for batch in _batches(loader, config.epochs, config.steps, config.grad_accumulation):
+    for batch in local_batches(loader, config.epochs, config.steps, config.grad_accumulation):
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, config.bf16):
             loss = model(**batch).loss

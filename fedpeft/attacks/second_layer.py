@@ -41,8 +41,9 @@ class SecondLayer:
     _norm: nn.Module
 
     def last_position(self, token_ids: Tensor) -> PrefixView:
-        """The second layer's input at the last position of each prefix, and the log
-        probability the model gives the last token after the rest.
+        """The second layer's input at the last position of each prefix.
+
+        Also the log probability the model gives that last token after the rest.
 
         Args:
             token_ids: ``(n, length)`` prefixes, unpadded.

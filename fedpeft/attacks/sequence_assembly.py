@@ -98,7 +98,7 @@ class SequenceAssembly:
                 ]
                 if not passing and prefix:
                     finished.append((prefix, total / len(prefix)))
-                candidates += [(prefix + (int(vocabulary[i]),), total + float(scores[b, i])) for i in passing]
+                candidates += [((*prefix, int(vocabulary[i])), total + float(scores[b, i])) for i in passing]
             if not candidates:
                 break
             beams = sorted(candidates, key=lambda c: c[1])[: self.beam_width]
@@ -110,9 +110,12 @@ class SequenceAssembly:
 
 
 def _repeats_its_only_token(prefix: tuple[int, ...], token: int) -> bool:
-    """A run of one token from the start gives the same state at every position (all
-    values attended to are equal), so "t t" passes wherever "t" does: DAGER rejects
-    it, and so does this search (a sentence that truly starts "t t" is lost)."""
+    """Whether ``prefix`` + ``token`` is one token repeated from the start.
+
+    Such a run gives the same state at every position (all values attended to are
+    equal), so "t t" passes wherever "t" does: DAGER rejects it, and so does this
+    search (a sentence that truly starts "t t" is lost).
+    """
     return bool(prefix) and all(t == token for t in prefix)
 
 

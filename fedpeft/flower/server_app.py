@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 import fedpeft
+from fedpeft.attacks.capture import CapturePlan, threat_model_of
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import Experiment
@@ -66,7 +67,12 @@ def run_federation(
     (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
     experiment = Experiment.cached(config)
     strategy = AdapterStrategy(
-        config.federation, experiment.codec, experiment.new_aggregator(), config.seed, config.privacy.client
+        config.federation,
+        experiment.codec,
+        experiment.new_aggregator(),
+        config.seed,
+        config.privacy.client,
+        capture_plan(config, experiment, out_dir / "captures"),
     )
     ledger = PrivacyLedger()
     global_state = dict(experiment.initial_state)
@@ -155,6 +161,22 @@ def run_federation(
     save_adapter(experiment.model.model, global_state, out_dir / "adapter")
     history.write(out_dir / "metrics.json")
     return history
+
+
+def capture_plan(config: Config, experiment: Experiment, folder: Path) -> CapturePlan | None:
+    """The strategy's capture settings from ``[capture]`` (None when nothing is captured)."""
+    capture = config.capture
+    if not capture.rounds:
+        return None
+    return CapturePlan(
+        folder=folder,
+        rounds=frozenset(capture.rounds),
+        clients=frozenset(capture.clients),
+        malicious=capture.malicious,
+        threat_model=threat_model_of(config.train, capture.malicious),
+        learning_rates={r: experiment.train_config_for(r).lr for r in capture.rounds},
+        local_steps=config.train.steps,
+    )
 
 
 def num_nodes(grid: Grid) -> int:

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
+from fedpeft.attacks.capture import CapturePlan, malicious_adapter
 from fedpeft.codecs import CodecContext, UpdateCodec
 from fedpeft.config import ClientPrivacyConfig, FederationConfig
 from fedpeft.errors import PayloadError
@@ -59,6 +60,8 @@ class AdapterStrategy(Strategy):
         run_seed: Seeds client sampling and the codecs' shared randomness.
         central_privacy: User-level DP (DP-FedAvg): clip, average equally, add noise
             before the aggregator steps. None or disabled: off.
+        capture: Client updates to save for the attack suite (and whether to craft
+            what is sent in those rounds). None: nothing is saved.
 
     """
 
@@ -69,12 +72,14 @@ class AdapterStrategy(Strategy):
         aggregator: Aggregator,
         run_seed: int,
         central_privacy: ClientPrivacyConfig | None = None,
+        capture: CapturePlan | None = None,
     ) -> None:
         self.federation = federation
         self.codec = codec
         self.aggregator = aggregator
         self.run_seed = run_seed
         self.central_privacy = central_privacy if central_privacy and central_privacy.enabled else None
+        self.capture = capture
         self.sampled = 0
         self._global: dict[str, Tensor] = {}
         self.traffic = RoundTraffic()
@@ -100,6 +105,11 @@ class AdapterStrategy(Strategy):
     ) -> Iterable[Message]:
         """One TRAIN message per sampled node carrying the global adapter."""
         self._global = record_to_state(arrays)
+        if self.capture is not None and self.capture.crafts(server_round):
+            # A malicious server: every sampled client gets the crafted adapter, and
+            # decodes and captures are relative to it.
+            self._global = malicious_adapter(self._global, seed=self.run_seed * 7_919 + server_round)
+            arrays = state_to_record(self._global)
         self.traffic = RoundTraffic()
         round_config = ConfigRecord({**config, "server-round": server_round})
         messages = []
@@ -135,6 +145,20 @@ class AdapterStrategy(Strategy):
             updates.append(update)
             losses.append((record.train_loss, update.num_examples))
             self.traffic.clients.append(record)
+            if self.capture is not None and self.capture.wants(server_round, update.client_id):
+                path = self.capture.save(
+                    server_round, update.client_id, self._global, update.delta, update.num_examples
+                )
+                logger.info(
+                    "round %d: captured the update of client %d in %s", server_round, update.client_id, path
+                )
+        if self.capture is not None and self.capture.crafts(server_round):
+            logger.warning(
+                "round %d: the server sent a crafted adapter (capture.malicious); the global "
+                "adapter stays as it was",
+                server_round,
+            )
+            return None, None
         if len(updates) < self.federation.min_train_clients:
             logger.warning(
                 "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "

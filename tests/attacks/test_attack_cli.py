@@ -1,0 +1,82 @@
+"""End to end: `fedpeft attack` runs a real simulation whose server captures the updates
+it receives (the real message path), then attacks them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+pytestmark = pytest.mark.slow
+
+
+def test_malicious_fedsgd_capture_is_inverted(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = {
+        "seed": 0,
+        "model": {"name_or_path": str(tiny_llama_dir), "task": "causal-lm"},
+        "adapter": {
+            "method": "lora",
+            "r": 8,
+            "lora_alpha": 16,
+            "lora_dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj"],
+        },
+        "data": {
+            "train": str(sentiment_files["train"]),
+            "test": str(sentiment_files["test"]),
+            "label_column": "",
+        },
+        "partition": {"scheme": "iid", "num_clients": 2},
+        "train": {"steps": 1, "batch_size": 1, "lr": 0.1, "optimizer": "sgd"},
+        "federation": {"rounds": 2, "min_train_clients": 2, "min_available_clients": 2},
+        "capture": {"rounds": [2], "clients": [1], "malicious": True},
+        "attack": {"name": "sequence_assembly", "show_examples": 1},
+    }
+    path = tmp_path / "attack.toml"
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "captures").iterdir()) == ["round-0002-client-0001.safetensors"]
+    report = json.loads((out / "attack.json").read_text())
+    [outcome] = report["outcomes"]
+    assert (outcome["round"], outcome["client"], outcome["threat_model"]) == (2, 1, "malicious")
+    # The toy sentences end in a sentiment word before [SEP]: everything but [SEP] is visible.
+    assert outcome["metrics"]["token_recall"] == 1.0
+    assert outcome["metrics"]["rougeL"] == pytest.approx(1.0)
+    assert "recovered:" in proc.stdout
+    # The crafted round does not move the global adapter: round 2 evaluates like round 1.
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rounds"][1]["loss"] == pytest.approx(metrics["rounds"][0]["loss"])
+
+    # Attacking saved captures again needs no federation.
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedpeft.cli",
+            "attack",
+            "--config",
+            str(path),
+            "--out",
+            str(tmp_path / "again"),
+            "--captures",
+            str(out / "captures"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "partitions" not in again.stdout

@@ -4,6 +4,7 @@ Importing this package registers every attack in :data:`ATTACKS`.
 """
 
 from fedpeft.attacks.base import ATTACKS, Attack, Reconstruction
+from fedpeft.attacks.lm_prior import LmPrior
 from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
 from fedpeft.attacks.observation import Observation, ThreatModel
 from fedpeft.attacks.sequence_assembly import SequenceAssembly
@@ -13,6 +14,7 @@ __all__ = [
     "ATTACKS",
     "Attack",
     "LeakageMetrics",
+    "LmPrior",
     "Observation",
     "Reconstruction",
     "SequenceAssembly",

@@ -247,3 +247,29 @@ def test_sequence_assembly_separates_a_batch_of_two(tiny_llama_dir: Path) -> Non
     assert expected <= set(result.sequences)
     metrics = score_reconstruction(result, truth, loaded.tokenizer)
     assert metrics.token_recall == 1.0 and metrics.rouge1 > 0.9
+
+
+def test_lm_prior_baseline_reads_no_update_and_recovers_far_less(tiny_llama: LoadedModel) -> None:
+    state = malicious_global_state(tiny_llama)
+    observation, truth = fedsgd_observation(tiny_llama, state, SENTENCES[:1], "causal-lm")
+    prior = ATTACKS.build("lm_prior", {"num_sequences": 1, "length": len(truth[0])}, "attack.options")
+    guess = prior.reconstruct(observation, tiny_llama)
+    zeroed = Observation(
+        "malicious", state, {k: v * 0 for k, v in observation.update.items()}, learning_rate=0.1
+    )
+    assert prior.reconstruct(zeroed, tiny_llama) == guess  # the update is never read
+    baseline = score_reconstruction(guess, truth, tiny_llama.tokenizer)
+    attack = score_reconstruction(
+        ATTACKS.build("sequence_assembly", {}, "attack.options").reconstruct(observation, tiny_llama),
+        truth,
+        tiny_llama.tokenizer,
+    )
+    assert baseline.rouge1 < 0.5 < attack.rouge1
+
+
+def test_lm_prior_refuses_a_classifier(tiny_bert: LoadedModel) -> None:
+    observation, _ = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    with pytest.raises(AttackError, match="causal language model"):
+        ATTACKS.build("lm_prior", {}, "attack.options").reconstruct(observation, tiny_bert)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -104,8 +105,6 @@ def load_captures(folder: str | Path) -> list[CapturedUpdate]:
 
 
 def _load_one(path: Path, server_round: int, client_id: int) -> CapturedUpdate:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     tensors = load_file(str(path))

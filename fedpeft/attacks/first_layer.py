@@ -52,6 +52,28 @@ class FirstLayer:
             return self._candidates(position).detach().double()
 
 
+def unwrap(model: nn.Module) -> tuple[Any, Any]:
+    """The transformers model inside a peft wrapper, and its base (``LlamaModel``, ...).
+
+    Typed Any: architectures are told apart by their attributes, which nn.Module's
+    __getattr__ types as Tensor | Module.
+    """
+    wrapped: Any = model
+    hf: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+    return hf, getattr(hf, "base_model", hf)
+
+
+def lora_a_names_of(model: nn.Module, projections: list[Any]) -> tuple[str, ...]:
+    """Adapter-state names of the LoRA A weights of ``projections`` (modules of ``model``)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return tuple(
+        f"{names[id(projection)]}.lora_A.{adapter}.weight"
+        for projection in projections
+        if isinstance(projection, LoraLayer)
+        for adapter in projection.lora_A  # type: ignore[attr-defined]
+    )
+
+
 def first_layer_of(model: nn.Module) -> FirstLayer:
     """Locate the first layer of a peft-wrapped ``model`` and its LoRA A weights.
 
@@ -60,12 +82,7 @@ def first_layer_of(model: nn.Module) -> FirstLayer:
             first-layer projection carries LoRA.
 
     """
-    # Any: architectures are told apart by their attributes, which nn.Module's
-    # __getattr__ types as Tensor | Module.
-    wrapped: Any = model
-    hf: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
-    inner: Any = getattr(hf, "base_model", hf)
-    names = {id(module): name for name, module in model.named_modules()}
+    hf, inner = unwrap(model)
     if hasattr(inner, "embed_tokens") and hasattr(inner, "layers"):
         layer = inner.layers[0]
         norm, embed = layer.input_layernorm, inner.embed_tokens
@@ -95,17 +112,10 @@ def first_layer_of(model: nn.Module) -> FirstLayer:
             f"{type(hf).__name__}: first-layer attacks support rotary decoders (Llama-style "
             "embed_tokens/layers) and absolute-position encoders (BERT-style embeddings)"
         )
-    lora_a_names = []
-    for projection in projections:
-        if isinstance(projection, LoraLayer):
-            prefix = names[id(projection)]
-            lora_a_names += [
-                f"{prefix}.lora_A.{adapter}.weight"
-                for adapter in projection.lora_A  # type: ignore[attr-defined]
-            ]
+    lora_a_names = lora_a_names_of(model, projections)
     if not lora_a_names:
         raise AttackError(
             f"{type(hf).__name__}: no LoRA on the first layer's q/k/v projections "
             "(adapter.target_modules), so no gradient holds the layer's inputs"
         )
-    return FirstLayer(kind, tuple(lora_a_names), max_positions, candidates)
+    return FirstLayer(kind, lora_a_names, max_positions, candidates)

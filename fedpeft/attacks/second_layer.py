@@ -8,12 +8,12 @@ position at a time: DAGER's way of turning a token set into sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from fedpeft.attacks.first_layer import lora_a_names_of, unwrap
 from fedpeft.errors import AttackError
 
 
@@ -68,9 +68,7 @@ def second_layer_of(model: nn.Module) -> SecondLayer:
             the second layer's q/k/v projections.
 
     """
-    wrapped: Any = model
-    hf: Any = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
-    inner: Any = getattr(hf, "base_model", hf)
+    hf, inner = unwrap(model)
     if not (hasattr(inner, "embed_tokens") and hasattr(inner, "layers")):
         raise AttackError(
             f"{type(hf).__name__}: sequence assembly by prefix needs a causal decoder "
@@ -79,13 +77,8 @@ def second_layer_of(model: nn.Module) -> SecondLayer:
     if len(inner.layers) < 2:
         raise AttackError(f"{type(hf).__name__}: sequence assembly needs two layers")
     layer = inner.layers[1]
-    names = {id(module): name for name, module in model.named_modules()}
-    lora_a_names = []
-    for projection in ("q_proj", "k_proj", "v_proj"):
-        module = getattr(layer.self_attn, projection, None)
-        if isinstance(module, LoraLayer):
-            prefix = names[id(module)]
-            lora_a_names += [f"{prefix}.lora_A.{adapter}.weight" for adapter in module.lora_A]  # type: ignore[attr-defined]
+    projections = [getattr(layer.self_attn, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+    lora_a_names = lora_a_names_of(model, projections)
     if not lora_a_names:
         raise AttackError(f"{type(hf).__name__}: no LoRA on the second layer's q/k/v projections")
-    return SecondLayer(tuple(lora_a_names), model, layer.input_layernorm)
+    return SecondLayer(lora_a_names, model, layer.input_layernorm)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
+from fedpeft.attacks.capture import malicious_adapter
 from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, adapter_state, build_model, load_adapter_state, state_delta
@@ -19,20 +20,8 @@ SENTENCES = ["the quiet river runs past old mills", "a bright comet crossed the 
 
 
 def malicious_global_state(loaded: LoadedModel, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The adapter a malicious server sends: peft's init turned around, A = 0 and B drawn.
-
-    B != 0 makes dL/dA carry the layer's inputs; A = 0 keeps the model's output that of
-    the base model (nothing looks wrong) and makes the client's delta of A exact in
-    float32 (no large A to subtract it from).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    state = adapter_state(loaded.model)
-    for name, value in state.items():
-        if ".lora_B." in name:
-            state[name] = torch.randn(value.shape, generator=generator) * 0.5
-        elif ".lora_A." in name:
-            state[name] = torch.zeros_like(value)
-    return state
+    """The adapter a malicious server sends (A = 0, B drawn): see ``malicious_adapter``."""
+    return malicious_adapter(adapter_state(loaded.model), seed)
 
 
 def fedsgd_observation(

@@ -39,27 +39,32 @@ def minilm_tokenizer_dir() -> Path:
     return Path(gt.MODEL_DIR)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
-    """A 2-layer, 32-wide BERT classifier saved with save_pretrained (random weights)."""
+def save_tiny_bert(folder: Path, tokenizer_dir: Path, **overrides: object) -> Path:
+    """A random BERT classifier (2 layers, 32 wide unless ``overrides`` say otherwise)
+    and the MiniLM tokenizer, saved with save_pretrained into ``folder``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    settings: dict = {
+        "vocab_size": tokenizer.vocab_size,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 128,
+        "num_labels": 2,
+    } | overrides
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(folder))
+    BertForSequenceClassification(BertConfig(**settings)).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
+    """A 2-layer, 32-wide BERT classifier saved with save_pretrained (random weights)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

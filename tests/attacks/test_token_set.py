@@ -15,6 +15,7 @@ from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, adapter_state, build_model, load_adapter_state, state_delta
 from fedpeft.training import make_loader, tokenize, train_local
+from tests.conftest import save_tiny_bert
 
 SENTENCES = ["the quiet river runs past old mills", "a bright comet crossed the northern sky tonight"]
 
@@ -74,24 +75,9 @@ def encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: 
     init of std 0.02 that route carries 1e-7 of the gradient, float32's noise floor,
     where a pretrained model carries plenty; std 0.2 restores it.
     """
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    folder = tmp_path_factory.mktemp("encoder")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=48,
-        num_hidden_layers=2,
-        initializer_range=0.2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
+    return save_tiny_bert(
+        tmp_path_factory.mktemp("encoder"), minilm_tokenizer_dir, hidden_size=48, initializer_range=0.2
     )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture()

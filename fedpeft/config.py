@@ -144,8 +144,17 @@ class FederationConfig(_Section):
     codec_options: dict[str, Any] = Field(default_factory=dict)
     aggregator: str = "fedavg"
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    max_update_norm: float | None = Field(default=None, gt=0)
+    """Server-side: scale each decoded update down to this L2 norm (over all its tensors)
+    before the aggregator sees it, to bound poisoned updates; unset: no clipping. Not DP
+    (no noise); with ``privacy.client`` it clips the already noised mean."""
     max_payload_bytes: int = Field(default=256 * 2**20, gt=0)
     round_timeout: float = Field(default=3600.0, gt=0)
+    """Seconds the server waits for replies; clients still silent then are dropped."""
+    round_retries: int = Field(default=2, ge=0)
+    """Times a round is sent again when fewer than ``min_train_clients`` usable updates
+    came back (clients died, declined or were rejected); after that the run stops with
+    its last completed round checkpointed, ready for ``--resume``."""
 
 
 class SloraConfig(_Section):

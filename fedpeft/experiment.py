@@ -16,7 +16,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedpeft.aggregation import AGGREGATORS, Aggregator
+from fedpeft.aggregation import AGGREGATORS, Aggregator, ClippedUpdates
 from fedpeft.codecs import CODECS, UpdateCodec
 from fedpeft.config import Config, TrainConfig
 from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
@@ -109,11 +109,17 @@ class Experiment:
         return CODECS.build(federation.codec, federation.codec_options, "federation.codec_options")
 
     def new_aggregator(self) -> Aggregator:
-        """A fresh aggregator (it may hold server state, so it is not cached)."""
+        """A fresh aggregator (it may hold server state, so it is not cached).
+
+        With ``federation.max_update_norm`` it is wrapped to clip each update first.
+        """
         federation = self.config.federation
-        return AGGREGATORS.build(
+        aggregator = AGGREGATORS.build(
             federation.aggregator, federation.aggregator_options, "federation.aggregator_options"
         )
+        if federation.max_update_norm is not None:
+            return ClippedUpdates(aggregator, federation.max_update_norm)
+        return aggregator
 
     @cached_property
     def collator(self) -> Callable[[list[dict]], dict]:

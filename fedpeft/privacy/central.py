@@ -17,25 +17,13 @@ The noise comes from OS randomness: clients must not be able to regenerate it.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
 from fedpeft.aggregation import ClientUpdate
+from fedpeft.aggregation._math import clip_update_norm, update_norm
 from fedpeft.config import ClientPrivacyConfig
-
-
-def update_norm(delta: Mapping[str, Tensor]) -> float:
-    """L2 norm of an update over all its tensors."""
-    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))  # type: ignore[arg-type]
-
-
-def clip_update(delta: Mapping[str, Tensor], clipping_norm: float) -> dict[str, Tensor]:
-    """``delta * min(1, C / ||delta||)``."""
-    norm = update_norm(delta)
-    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
-    return {name: t * scale for name, t in delta.items()}
 
 
 def noisy_mean(
@@ -61,7 +49,7 @@ def noisy_mean(
     norms = [update_norm(u.delta) for u in updates]
     total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in updates[0].delta.items()}
     for update in updates:
-        for name, t in clip_update(update.delta, config.clipping_norm).items():
+        for name, t in clip_update_norm(update.delta, config.clipping_norm).items():
             total[name] += t.float()
     std = config.noise_multiplier * config.clipping_norm / planned_clients
     mean = {

@@ -1,4 +1,4 @@
-"""Server optimisers give Flower's own strategies' results on the same inputs.
+"""Server optimisers and robust rules give Flower's own strategies' results on the same inputs.
 
 Flower's strategies average full arrays sent by clients; fedpeft's aggregators
 average deltas. Client i's arrays are ``global + delta_i``, so both must agree.
@@ -30,6 +30,15 @@ CASES = {
         {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2},
         {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2},
     ),
+    # Robust rules on full arrays (global + delta_i) step like fedpeft's on the deltas.
+    "median": (flower.FedMedian, {}, {}),
+    "trimmed_mean": (flower.FedTrimmedAvg, {"beta": 0.2}, {"beta": 0.2}),
+    "krum": (flower.Krum, {"num_malicious_nodes": 1}, {"num_malicious": 1}),
+    "multikrum": (
+        flower.MultiKrum,
+        {"num_malicious_nodes": 1, "num_nodes_to_select": 3},
+        {"num_malicious": 1, "num_to_keep": 3},
+    ),
 }
 
 
@@ -49,7 +58,7 @@ def test_three_rounds_match_flower(name: str) -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     flower_class, flower_options, our_options = CASES[name]
     theirs = flower_class(**flower_options)
-    ours = AGGREGATORS.build(name, our_options, "x")
+    ours = AGGREGATORS.build(name.removeprefix("multi"), our_options, "x")
     rng = np.random.default_rng(0)
     state = {"a": rng.normal(size=(4, 3)), "b": rng.normal(size=5)}
     ours_state = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
@@ -57,11 +66,12 @@ def test_three_rounds_match_flower(name: str) -> None:
 
     class NodeList:  # configure_train only asks the grid for node ids (to sample from)
         def get_node_ids(self) -> list[int]:
-            return [1, 2, 3]
+            return [1, 2, 3, 4, 5]
 
     for server_round in (1, 2, 3):
-        deltas = [{k: rng.normal(scale=0.1, size=v.shape) for k, v in state.items()} for _ in range(3)]
-        weights = [5, 17, 2]
+        # Five clients, so that the trimmed mean cuts one per side and Krum has a choice.
+        deltas = [{k: rng.normal(scale=0.1, size=v.shape) for k, v in state.items()} for _ in range(5)]
+        weights = [5, 17, 2, 9, 11]
         list(
             theirs.configure_train(
                 server_round,

@@ -7,6 +7,14 @@ from fedpeft.aggregation import AGGREGATORS, ClientUpdate
 
 NAMES = AGGREGATORS.names()
 
+# Robust rules that ignore example counts on purpose: a poisoned client could claim any
+# count. They skip "weights respected" and must pass "counts ignored" instead.
+UNWEIGHTED = {
+    "median": "the coordinate-wise median ignores example counts",
+    "trimmed_mean": "the coordinate-wise trimmed mean ignores example counts",
+    "krum": "Krum keeps one update chosen by distance; counts only weight Multi-Krum's mean",
+}
+
 
 A, B = "layer.lora_A.default.weight", "layer.lora_B.default.weight"
 
@@ -48,7 +56,7 @@ def test_identical_updates_act_as_one(name: str) -> None:
         torch.testing.assert_close(many[key], one[key])
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedavgm"])
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "median", "trimmed_mean", "krum"])
 def test_averaging_aggregators_apply_an_identical_update(name: str) -> None:
     base = random_state(0)
     delta = random_state(7)
@@ -74,6 +82,8 @@ def test_keys_shapes_and_dtypes_kept(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_weights_are_respected(name: str) -> None:
     """The step follows the client with more examples, and flips when weights swap."""
+    if name in UNWEIGHTED:
+        pytest.skip(UNWEIGHTED[name])
     base = {k: torch.zeros_like(v) for k, v in random_state(0).items()}
     for heavy_sign in (1.0, -1.0):
         heavy_delta = {k: heavy_sign * torch.ones_like(v) for k, v in base.items()}
@@ -81,6 +91,20 @@ def test_weights_are_respected(name: str) -> None:
         light = ClientUpdate(1, {k: -v for k, v in heavy_delta.items()}, num_examples=1)
         result = AGGREGATORS.build(name, {}, "x").aggregate(base, [heavy, light]).state
         assert (result["head.bias"] * heavy_sign > 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(UNWEIGHTED))
+def test_unweighted_rules_ignore_example_counts(name: str) -> None:
+    base = random_state(0)
+    reweighted = [ClientUpdate(u.client_id, u.delta, 1000 if i == 0 else 1) for i, u in enumerate(updates())]
+    original = AGGREGATORS.build(name, {}, "x").aggregate(base, updates()).state
+    changed = AGGREGATORS.build(name, {}, "x").aggregate(base, reweighted).state
+    for key in base:
+        torch.testing.assert_close(original[key], changed[key], rtol=0, atol=0)
+
+
+def test_unweighted_names_are_registered() -> None:
+    assert set(UNWEIGHTED) <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from fedpeft.aggregation import ClientUpdate
+from fedpeft.aggregation._math import clip_update_norm as clip_update
+from fedpeft.aggregation._math import update_norm
 from fedpeft.client import run_client_round
 from fedpeft.config import ClientPrivacyConfig, parse_config
 from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
 from fedpeft.privacy import PrivacyLedger
-from fedpeft.privacy.central import clip_update, noisy_mean, update_norm
+from fedpeft.privacy.central import noisy_mean
 from tests.conftest import tiny_config
 
 

@@ -1,0 +1,81 @@
+"""Server-side norm clipping of each decoded update, in front of any aggregator.
+
+Paper: Can You Really Backdoor Federated Learning? (Sun, Kairouz, Suresh & McMahan,
+2019) shows that bounding each update's norm blunts boosted (scaled-up) poisoned
+updates.
+
+Notes:
+    Each update is scaled to L2 norm at most ``max_update_norm`` over all its tensors
+    together, then the inner aggregator sees the clipped updates. This bounds how far
+    one client can move an average, but is not differential privacy: there is no noise
+    (that is ``privacy.client``, which clips and averages before any aggregator).
+
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor
+
+from fedpeft.aggregation._math import clip_update_norm, update_norm
+from fedpeft.aggregation.base import AggregationResult, Aggregator, ClientUpdate
+
+
+class ClippedUpdates:
+    """Clip every update's norm to ``max_update_norm``, then delegate to ``inner``.
+
+    Adds ``clipped_updates`` (how many updates were scaled down) and
+    ``update_norm_median`` (of the norms before clipping) to the inner metrics.
+
+    Args:
+        inner: The aggregator that combines the clipped updates.
+        max_update_norm: Largest L2 norm an update keeps, over all its tensors.
+
+    """
+
+    def __init__(self, inner: Aggregator, max_update_norm: float) -> None:
+        if not max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
+        self.inner = inner
+        self.max_update_norm = max_update_norm
+
+    def aggregate(
+        self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]
+    ) -> AggregationResult:
+        """Clip each update, aggregate with the inner aggregator, add clipping metrics.
+
+        Raises:
+            ValueError: An update holds NaN or Inf (no scale bounds it; the codecs
+                already reject such payloads, so this is a guard).
+
+        """
+        norms = [update_norm(u.delta) for u in updates]
+        for update, norm in zip(updates, norms, strict=True):
+            if not math.isfinite(norm):
+                raise ValueError(f"update of client {update.client_id} is not finite (norm {norm})")
+        clipped = [
+            replace(u, delta=clip_update_norm(u.delta, self.max_update_norm))
+            if norm > self.max_update_norm
+            else u
+            for u, norm in zip(updates, norms, strict=True)
+        ]
+        result = self.inner.aggregate(global_state, clipped)
+        metrics = {
+            **result.metrics,
+            "clipped_updates": float(sum(norm > self.max_update_norm for norm in norms)),
+            "update_norm_median": statistics.median(norms),
+        }
+        return AggregationResult(result.state, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner aggregator's state (clipping itself keeps none)."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the inner aggregator's state."""
+        self.inner.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft simulate | attack | validate``."""
+"""Command line: ``fedpeft simulate | deploy | attack | validate``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpeft.errors import FedPeftError
+
+if TYPE_CHECKING:
+    from fedpeft.config import Config
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run a federation on Flower's simulation engine")
     _add_config_args(simulate)
-    simulate.add_argument("--out", type=Path, required=True, help="run folder to write")
+    simulate.add_argument("--out", type=Path, default=None, help="run folder to write")
+    simulate.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the unfinished run in DIR after its last completed round "
+        "(its config.toml unless --config is given)",
+    )
     simulate.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+
+    deploy = commands.add_parser(
+        "deploy",
+        help="run a federation on real SuperNodes through a SuperLink (flwr run)",
+        description="Validates the config here, then submits it whole to the SuperLink named in "
+        "the Flower configuration file (server/connect.sh makes one) and streams the run's log. "
+        "The server writes the run folder on its own machine.",
+    )
+    _add_config_args(deploy)
+    deploy.add_argument("--superlink", required=True, help="SuperLink connection name (server/connect.sh)")
+    deploy.add_argument("--out", type=Path, default=None, help="run folder on the server machine")
+    deploy.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="continue the unfinished run in DIR on the server machine after its last completed round",
+    )
 
     attack = commands.add_parser(
         "attack",
@@ -57,13 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _simulate(args: argparse.Namespace) -> None:
+def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """The config, run folder and resume flag of ``simulate`` or ``deploy``."""
     from fedpeft.config import load_config
+    from fedpeft.errors import ConfigError
+
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise ConfigError("--resume DIR continues the run in DIR: leave --out out")
+        config_path = args.config if args.config is not None else args.resume / "config.toml"
+        return load_config(config_path, args.overrides), args.resume, True
+    if args.out is None:
+        raise ConfigError("give --out DIR (a new run) or --resume DIR (continue one)")
+    return load_config(args.config, args.overrides), args.out, False
+
+
+def _simulate(args: argparse.Namespace) -> None:
     from fedpeft.flower.server_app import format_bytes
     from fedpeft.flower.simulation import run_simulation
 
-    config = load_config(args.config, args.overrides)
-    history = run_simulation(config, args.out, verbose=args.verbose)
+    config, out_dir, resume = _run_target(args)
+    args.out = out_dir
+    history = run_simulation(config, out_dir, verbose=args.verbose, resume=resume)
     rounds = history.rounds
     print()
     print(
@@ -158,6 +203,13 @@ def _attack(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out / 'attack.json'}")
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from fedpeft.flower.deployment import deploy
+
+    config, out_dir, resume = _run_target(args)
+    return deploy(config, args.superlink, out_dir, resume)
+
+
 def _validate(args: argparse.Namespace) -> None:
     from fedpeft.config import load_config
 
@@ -181,12 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+    commands = {"simulate": _simulate, "deploy": _deploy, "attack": _attack, "validate": _validate}
     try:
-        {"simulate": _simulate, "attack": _attack, "validate": _validate}[args.command](args)
+        code = commands[args.command](args)
     except FedPeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

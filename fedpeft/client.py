@@ -47,18 +47,22 @@ def run_client_round(
     server_round: int,
     memory: CodecMemory | None = None,
     ledger: PrivacyLedger | None = None,
+    partition: int | None = None,
 ) -> ClientRoundResult:
     """Train from ``global_state`` on the client's partition and encode the delta.
 
     ``memory`` is the client's codec state from earlier rounds and ``ledger`` its DP
     events (both updated in place); None for a client that keeps none. Under
     ``privacy.example`` the ledger is required: it is how epsilon composes over rounds.
+    ``partition`` is the index of the client's data in ``experiment.partitions``: its
+    ``client_id`` unless a device brings its own data file (then its only partition, 0).
 
     Raises:
         PrivacyBudgetExhausted: This round would take the client past its target epsilon.
 
     """
     config = experiment.config
+    partition = client_id if partition is None else partition
     model = experiment.model.model
     experiment.prepare_round(server_round)
     train_config = experiment.train_config_for(server_round)
@@ -71,8 +75,8 @@ def run_client_round(
     if privacy.enabled:
         if ledger is None:
             raise ValueError("privacy.example needs the client's ledger")
-        dataset = experiment.tokenized_partition(client_id)
-        sigma = experiment.privacy_plan[client_id]
+        dataset = experiment.tokenized_partition(partition)
+        sigma = experiment.privacy_plan[partition]
         _check_budget(ledger, privacy, client_id, server_round, sigma, train_config, len(dataset))
         result, spent = train_local_private(
             model,
@@ -89,7 +93,7 @@ def run_client_round(
         epsilon = ledger.epsilon(privacy.delta, accountant=privacy.accountant)
         num_examples = len(dataset)
     else:
-        loader = experiment.client_loader(client_id, server_round)
+        loader = experiment.client_loader(partition, server_round)
         result = train_local(model, loader, train_config, experiment.device)
         num_examples = len(loader.dataset)  # type: ignore[arg-type]
     delta = state_delta(adapter_state(model), global_state)

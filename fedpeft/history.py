@@ -62,6 +62,17 @@ class RunHistory:
         """Plain JSON-ready data; top-level ``rounds`` is the stable contract."""
         return {**self.meta, "initial": self.initial, "rounds": [asdict(r) for r in self.rounds]}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunHistory:
+        """Read back :meth:`to_dict` (a ``metrics.json``)."""
+        data = dict(data)
+        initial = data.pop("initial")
+        rounds = []
+        for item in data.pop("rounds"):
+            per_client = [ClientRoundRecord(**c) for c in item.get("per_client", [])]
+            rounds.append(RoundRecord(**{**item, "per_client": per_client}))
+        return cls(meta=data, initial=initial, rounds=rounds)
+
     def write(self, path: Path) -> None:
         """Write atomically (a reader never sees half a file)."""
         write_json_atomic(path, self.to_dict())

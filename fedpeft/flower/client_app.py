@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedpeft.client import run_client_round
-from fedpeft.config import Config
+from fedpeft.config import Config, parse_config
 from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
+from fedpeft.flower.fault_injection import inject_faults
 from fedpeft.flower.records import (
     CODEC_MEMORY,
     DECLINED,
@@ -30,14 +33,48 @@ from fedpeft.privacy.ledger import PrivacyLedger
 
 
 def client_id_of(context: Context) -> int:
-    """The node's data partition: ``partition-id`` from the node config."""
+    """The client's id: ``partition-id`` from the node config.
+
+    It names the client to the server (metrics, DP ledger, the codecs' shared
+    randomness) and, unless the node brings its own ``data-file``, picks its partition
+    of the configured training data.
+    """
     node_config = context.node_config
     if "partition-id" not in node_config:
         raise ConfigError("node config lacks 'partition-id' (start the SuperNode with --node-config)")
-    return int(node_config["partition-id"])
+    value = node_config["partition-id"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"node config 'partition-id': expected an integer >= 0, got {value!r}")
+    return value
 
 
-def build_client_app(config_for: Callable[[Context], Config], torch_threads: int | None = None) -> ClientApp:
+def config_for_node(config: Config, node_config: Mapping[str, object]) -> Config:
+    """The run's config as this device runs it: its own ``device`` and ``data-file``.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``) replaces ``train.device``.
+    ``data-file`` (a TSV/CSV/JSONL path on the device, with the run's text and label
+    columns) replaces the training data: the device trains on all of that file.
+    """
+    if "device" not in node_config and "data-file" not in node_config:
+        return config
+    data = config.to_dict()
+    if "device" in node_config:
+        data["train"]["device"] = str(node_config["device"])
+    if "data-file" in node_config:
+        path = Path(str(node_config["data-file"])).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"node config 'data-file': {path} not found on this device")
+        data["data"]["train"] = str(path.resolve())
+        data["partition"].update(scheme="iid", num_clients=1)
+        data["capture"]["clients"] = []  # the server's business; ids differ on this device
+    return parse_config(data, "node config")
+
+
+def build_client_app(
+    config_for: Callable[[Context], Config],
+    torch_threads: int | None = None,
+    mods: list[Mod] | None = None,
+) -> ClientApp:
     """A ClientApp whose config comes from ``config_for(context)``.
 
     The simulation passes a closure over its resolved config; deployment reads the
@@ -47,18 +84,20 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         config_for: Returns the run's config for a Flower context.
         torch_threads: Intra-op threads for torch in this process (the CPUs the
             simulation gives each virtual client); None leaves torch's default.
+        mods: Flower client mods wrapped around every message.
 
     """
-    app = ClientApp()
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if torch_threads is not None and torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
         started = time.monotonic()
-        config = config_for(context)
+        config = config_for_node(config_for(context), context.node_config)
         experiment = Experiment.cached(config)
         client_id = client_id_of(context)
+        partition = 0 if "data-file" in context.node_config else client_id
         server_round = int(msg.content.config_records[ROUND_CONFIG]["server-round"])  # type: ignore[arg-type]
         global_state = record_to_state(msg.content.array_records[GLOBAL_ADAPTER])
         stored = context.state.array_records.get(CODEC_MEMORY)
@@ -68,7 +107,9 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
         ledger_record = context.state.config_records.get(PRIVACY_LEDGER)
         ledger = PrivacyLedger.from_json(str(ledger_record["events"])) if ledger_record else PrivacyLedger()
         try:
-            result = run_client_round(experiment, client_id, global_state, server_round, memory, ledger)
+            result = run_client_round(
+                experiment, client_id, global_state, server_round, memory, ledger, partition=partition
+            )
         except PrivacyBudgetExhausted as err:
             # Not a failure: the client keeps its promise. Say so instead of raising,
             # which Flower would log as a crash with a traceback.
@@ -100,4 +141,5 @@ def build_client_app(config_for: Callable[[Context], Config], torch_threads: int
     return app
 
 
-app = build_client_app(config_from_run_config)
+app = build_client_app(config_from_run_config, mods=[inject_faults])
+"""The deployed ClientApp; :func:`inject_faults` acts only on nodes given a ``fault``."""

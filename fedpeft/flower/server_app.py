@@ -18,12 +18,17 @@ from torch import Tensor
 
 import fedpeft
 from fedpeft.attacks.capture import CapturePlan, threat_model_of
+from fedpeft.checkpoint import RoundCheckpoint, check_run_folder, save_checkpoint
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.records import record_to_state, state_to_record
-from fedpeft.flower.run_config import config_from_run_config, out_dir_from_run_config
-from fedpeft.flower.strategy import AdapterStrategy
+from fedpeft.flower.run_config import (
+    config_from_run_config,
+    out_dir_from_run_config,
+    resume_from_run_config,
+)
+from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic
 from fedpeft.models import base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
@@ -57,14 +62,22 @@ def run_federation(
     config: Config,
     out_dir: Path,
     progress: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> RunHistory:
     """Run every round on ``grid`` and write the run folder.
 
-    Writes ``out_dir/config.toml`` first, ``out_dir/metrics.json`` after every round and
-    ``out_dir/adapter/`` (a peft checkpoint of the final global adapter) at the end.
+    Writes ``out_dir/config.toml`` first; after every round ``checkpoint.pt`` (see
+    :mod:`fedpeft.checkpoint`) and then ``metrics.json``; ``adapter/`` (a peft
+    checkpoint of the final global adapter) at the end. With ``resume`` the run
+    continues after the last round checkpointed in ``out_dir``.
+
+    Raises:
+        CheckpointError: ``out_dir`` does not suit the run (see :func:`check_run_folder`).
+        FederationError: A round got fewer than ``federation.min_train_clients`` usable
+            updates ``federation.round_retries + 1`` times in a row.
+
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    checkpoint = open_run_folder(out_dir, config, resume)
     experiment = Experiment.cached(config)
     strategy = AdapterStrategy(
         config.federation,
@@ -74,33 +87,20 @@ def run_federation(
         config.privacy.client,
         capture_plan(config, experiment, out_dir / "captures"),
     )
-    ledger = PrivacyLedger()
-    global_state = dict(experiment.initial_state)
-
-    experiment.prepare_round(1)
-    initial = evaluate_state(experiment, global_state)
-    history = RunHistory(
-        meta={
-            "fedpeft_version": fedpeft.__version__,
-            "config_fingerprint": config.fingerprint(),
-            "model": config.model.name_or_path,
-            "adapter_method": config.adapter.method,
-            "codec": config.federation.codec,
-            "aggregator": config.federation.aggregator,
-            "num_clients": config.partition.num_clients,
-            "device": str(experiment.device),
-            "base_model_bytes": base_model_nbytes(experiment.model.model),
-            "adapter_bytes": state_nbytes(global_state),
-            "trainable_parameters": sum(t.numel() for t in global_state.values()),
-        },
-        initial={"accuracy": initial.accuracy, "loss": initial.loss},
-    )
-    progress(
-        f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  "
-        f"loss {initial.loss:.4f}  (before training)"
-    )
     rounds = config.federation.rounds
-    for server_round in range(1, rounds + 1):
+    if checkpoint is not None:
+        global_state = dict(checkpoint.global_state)
+        ledger = checkpoint.ledger
+        history = checkpoint.history
+        first_round = checkpoint.completed_round + 1
+        strategy.aggregator.load_state_dict(checkpoint.aggregator_state)
+        progress(f"resuming {out_dir} after round {checkpoint.completed_round}/{rounds}")
+    else:
+        global_state = dict(experiment.initial_state)
+        ledger = PrivacyLedger()
+        history = new_history(config, experiment, global_state, progress)
+        first_round = 1
+    for server_round in range(first_round, rounds + 1):
         started = time.monotonic()
         stage_metrics: dict[str, float] = {}
         if experiment.slora is not None and server_round == config.slora.rounds + 1:
@@ -116,15 +116,9 @@ def run_federation(
                 f"truncation drops {stage_metrics['slora_svd_dropped_norm']:.4g})"
             )
         experiment.prepare_round(server_round)
-        messages = strategy.configure_train(server_round, state_to_record(global_state), ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=config.federation.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        traffic = strategy.traffic
-        if not traffic.clients:
-            reasons = "; ".join(str(r["reason"]) for r in traffic.rejected[:3]) or "no replies"
-            raise FederationError(f"round {server_round}: no client produced a usable update ({reasons})")
-        if new_arrays is not None:
-            global_state = record_to_state(new_arrays)
+        global_state, traffic, trained = train_round(
+            grid, strategy, config, server_round, global_state, progress
+        )
         result = evaluate_state(experiment, global_state)
         examples = sum(c.num_examples for c in traffic.clients)
         record = RoundRecord(
@@ -140,14 +134,23 @@ def run_federation(
             per_client=sorted(traffic.clients, key=lambda c: c.client_id),
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},
         )
-        record_privacy_events(
-            ledger, config, server_round, traffic.clients, strategy.sampled, num_nodes(grid)
-        )
+        record_privacy_events(ledger, config, server_round, trained, strategy.sampled, num_nodes(grid))
         record.privacy.update(privacy_summary(ledger, config))
         history.rounds.append(record)
-        if ledger.events:
-            write_json_atomic(out_dir / "privacy_ledger.json", ledger.to_data())
-        history.write(out_dir / "metrics.json")
+        # The checkpoint first: it is the record of truth a restart reads; metrics.json
+        # and privacy_ledger.json are views of it, rewritten from it on resume.
+        save_checkpoint(
+            out_dir,
+            RoundCheckpoint(
+                completed_round=server_round,
+                config_fingerprint=config.fingerprint(),
+                global_state=global_state,
+                aggregator_state=strategy.aggregator.state_dict(),
+                ledger=ledger,
+                history=history,
+            ),
+        )
+        write_views(out_dir, history, ledger)
         spent = "".join(
             f"  eps({unit}) {record.privacy[f'epsilon_{unit}']:.3g}"
             for unit in ("example", "client")
@@ -158,9 +161,110 @@ def run_federation(
             f"up {format_bytes(record.bytes_up)}  down {format_bytes(record.bytes_down)}  "
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
+    experiment.prepare_round(rounds)  # the final adapter's shape (SLoRA's stage), on resume too
     save_adapter(experiment.model.model, global_state, out_dir / "adapter")
-    history.write(out_dir / "metrics.json")
+    save_checkpoint(
+        out_dir,
+        RoundCheckpoint(
+            completed_round=rounds,
+            config_fingerprint=config.fingerprint(),
+            global_state=global_state,
+            aggregator_state=strategy.aggregator.state_dict(),
+            ledger=ledger,
+            history=history,
+            finished=True,
+        ),
+    )
+    write_views(out_dir, history, ledger)
     return history
+
+
+def open_run_folder(out_dir: Path, config: Config, resume: bool) -> RoundCheckpoint | None:
+    """Check ``out_dir`` (:func:`check_run_folder`), create it and write ``config.toml``."""
+    checkpoint = check_run_folder(out_dir, config, resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    return checkpoint
+
+
+def new_history(
+    config: Config,
+    experiment: Experiment,
+    global_state: Mapping[str, Tensor],
+    progress: Callable[[str], None],
+) -> RunHistory:
+    """The run's metadata and the initial adapter's central evaluation (round 0)."""
+    experiment.prepare_round(1)
+    initial = evaluate_state(experiment, global_state)
+    progress(
+        f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  "
+        f"loss {initial.loss:.4f}  (before training)"
+    )
+    return RunHistory(
+        meta={
+            "fedpeft_version": fedpeft.__version__,
+            "config_fingerprint": config.fingerprint(),
+            "model": config.model.name_or_path,
+            "adapter_method": config.adapter.method,
+            "codec": config.federation.codec,
+            "aggregator": config.federation.aggregator,
+            "num_clients": config.partition.num_clients,
+            "device": str(experiment.device),
+            "base_model_bytes": base_model_nbytes(experiment.model.model),
+            "adapter_bytes": state_nbytes(global_state),
+            "trainable_parameters": sum(t.numel() for t in global_state.values()),
+        },
+        initial={"accuracy": initial.accuracy, "loss": initial.loss},
+    )
+
+
+def train_round(
+    grid: Grid,
+    strategy: AdapterStrategy,
+    config: Config,
+    server_round: int,
+    global_state: dict[str, Tensor],
+    progress: Callable[[str], None],
+) -> tuple[dict[str, Tensor], RoundTraffic, list[ClientRoundRecord]]:
+    """One round's training exchange, sent again while too few usable updates come back.
+
+    Returns the next global state, the successful attempt's traffic and every client
+    that trained in any attempt (each of them spent privacy, aggregated or not).
+    """
+    federation = config.federation
+    trained: list[ClientRoundRecord] = []
+    for attempt in range(federation.round_retries + 1):
+        messages = strategy.configure_train(server_round, state_to_record(global_state), ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=federation.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        traffic = strategy.traffic
+        trained.extend(traffic.clients)
+        if len(traffic.clients) >= federation.min_train_clients:
+            if new_arrays is not None:
+                global_state = record_to_state(new_arrays)
+            return global_state, traffic, trained
+        missing = strategy.sampled - len(traffic.clients) - len(traffic.rejected)
+        reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in traffic.rejected[:3])
+        problem = (
+            f"round {server_round}: {len(traffic.clients)} usable update(s), fewer than "
+            f"federation.min_train_clients = {federation.min_train_clients} "
+            f"({missing} client(s) silent after {federation.round_timeout:g} s"
+            + (f"; {reasons}" if reasons else "")
+            + ")"
+        )
+        if attempt < federation.round_retries:
+            progress(f"{problem}; sending the round again ({attempt + 1}/{federation.round_retries})")
+    raise FederationError(
+        f"{problem}; gave up after {federation.round_retries} retries. The global adapter "
+        "of the last completed round is checkpointed: fix the clients and continue with --resume"
+    )
+
+
+def write_views(out_dir: Path, history: RunHistory, ledger: PrivacyLedger) -> None:
+    """``metrics.json`` and ``privacy_ledger.json``, the readable copies of the checkpoint."""
+    if ledger.events:
+        write_json_atomic(out_dir / "privacy_ledger.json", ledger.to_data())
+    history.write(out_dir / "metrics.json")
 
 
 def capture_plan(config: Config, experiment: Experiment, folder: Path) -> CapturePlan | None:
@@ -233,17 +337,18 @@ def build_server_app(
     config_for: Callable[[Context], Config],
     out_dir_for: Callable[[Context], Path],
     on_finish: Callable[[RunHistory], None] | None = None,
+    resume_for: Callable[[Context], bool] = lambda _: False,
 ) -> ServerApp:
     """A ServerApp running :func:`run_federation` with the config from ``config_for``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        history = run_federation(grid, config_for(context), out_dir_for(context))
+        history = run_federation(grid, config_for(context), out_dir_for(context), resume=resume_for(context))
         if on_finish is not None:
             on_finish(history)
 
     return app
 
 
-app = build_server_app(config_from_run_config, out_dir_from_run_config)
+app = build_server_app(config_from_run_config, out_dir_from_run_config, resume_for=resume_from_run_config)

@@ -13,13 +13,17 @@ import os
 import warnings
 from pathlib import Path
 
+from fedpeft.checkpoint import check_run_folder
 from fedpeft.config import Config
 from fedpeft.experiment import Experiment
 from fedpeft.history import RunHistory
 
 
-def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunHistory:
-    """Simulate ``config.partition.num_clients`` clients and write the run folder."""
+def run_simulation(config: Config, out_dir: Path, verbose: bool = False, resume: bool = False) -> RunHistory:
+    """Simulate ``config.partition.num_clients`` clients and write the run folder.
+
+    With ``resume`` the run continues after the last round checkpointed in ``out_dir``.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
@@ -31,7 +35,9 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     from fedpeft.flower.client_app import build_client_app
     from fedpeft.flower.server_app import build_server_app
 
-    # Fail on data, partition and model problems here, before any worker starts.
+    # Fail on data, partition, model and run-folder problems here, before any worker starts.
+    if resume or out_dir.exists():
+        check_run_folder(out_dir, config, resume)
     experiment = Experiment.cached(config)
     print(f"partitions ({config.partition.scheme}, {config.partition.num_clients} clients):")
     print(experiment.partitions.summary(experiment.data.label_names))
@@ -48,7 +54,9 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False) -> RunH
     def remember(history: RunHistory) -> None:
         outcome["history"] = history
 
-    server_app = build_server_app(lambda _: config, lambda _: out_dir, on_finish=remember)
+    server_app = build_server_app(
+        lambda _: config, lambda _: out_dir, on_finish=remember, resume_for=lambda _: resume
+    )
     client_app = build_client_app(
         lambda _: config, torch_threads=max(1, int(config.simulation.num_cpus_per_client))
     )

@@ -139,8 +139,10 @@ class AdapterStrategy(Strategy):
             try:
                 update, record = self._decode_reply(reply, server_round, node_id)
             except PayloadError as err:
-                logger.warning("round %d: rejected update from node %d: %s", server_round, node_id, err)
-                self.traffic.rejected.append({"node_id": node_id, "reason": str(err)})
+                client_id = _claimed_client_id(reply)
+                sender = f"node {node_id}" + (f" (client {client_id})" if client_id is not None else "")
+                logger.warning("round %d: rejected update from %s: %s", server_round, sender, err)
+                self.traffic.rejected.append({"node_id": node_id, "client_id": client_id, "reason": str(err)})
                 continue
             updates.append(update)
             losses.append((record.train_loss, update.num_examples))
@@ -168,6 +170,9 @@ class AdapterStrategy(Strategy):
                 self.federation.min_train_clients,
             )
             return None, None
+        # A fixed order, whatever order the replies arrived in: float sums then give the
+        # same global adapter bit for bit on every run with the same seeds.
+        updates.sort(key=lambda u: u.client_id)
         privacy_metrics: dict[str, float] = {}
         if self.central_privacy is not None:
             # User-level DP: the aggregator only ever sees the noised mean.
@@ -250,6 +255,16 @@ class AdapterStrategy(Strategy):
             self.federation.fraction_train,
             self.federation.min_train_clients,
         )
+
+
+def _claimed_client_id(reply: Message) -> int | None:
+    """The client id a reply names in its metrics, if it names one (for log lines)."""
+    if reply.has_error() or TRAIN_METRICS not in reply.content.metric_records:
+        return None
+    try:
+        return _int_metric(reply.content.metric_records[TRAIN_METRICS], "client-id")
+    except PayloadError:
+        return None
 
 
 def _int_metric(metrics: Mapping[str, object], key: str) -> int:

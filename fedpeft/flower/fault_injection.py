@@ -1,0 +1,75 @@
+"""Fault injection for fire drills: a SuperNode that sends what a broken or hostile client would.
+
+An operator checks that a federation survives bad clients the way it survives a fire
+drill: start one SuperNode with ``--node-config 'fault="nan"'`` (or another fault
+below) and watch the server reject its replies while the global adapter stays exactly
+what the honest clients make it. The end-to-end deployment tests do the same. A node
+without the ``fault`` key is untouched: the mod returns the reply as it was.
+
+Faults (the ``fault`` node-config value; a comma-separated list such as
+``"nan,oversize,none"`` is taken in turn, round r using entry (r - 1) mod its length):
+
+- ``none``: an honest reply;
+- ``nan``: every update tensor is filled with NaN;
+- ``inf``: every update tensor is filled with +Inf;
+- ``oversize``: a 64 MiB junk tensor is added to the update;
+- ``wrong-shape``: every update tensor loses its last row;
+- ``crash``: the process exits mid-round, as a device losing power would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedpeft.errors import ConfigError
+from fedpeft.flower.records import ROUND_CONFIG, UPDATE, state_to_record
+
+logger = logging.getLogger("fedpeft")
+
+FAULTS = ("none", "nan", "inf", "oversize", "wrong-shape", "crash")
+OVERSIZE_BYTES = 64 * 2**20
+
+
+def inject_faults(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: corrupt this node's replies as its ``fault`` node config says."""
+    if "fault" not in context.node_config:
+        return call_next(msg, context)
+    fault = fault_of_round(str(context.node_config["fault"]), msg)
+    if fault == "crash":
+        logger.warning("fault injection: node exits mid-round")
+        os._exit(1)
+    reply = call_next(msg, context)
+    if fault == "none" or reply.has_error() or UPDATE not in reply.content.array_records:
+        return reply
+    reply.content.array_records[UPDATE] = corrupt_update(reply.content.array_records[UPDATE], fault)
+    logger.warning("fault injection: sending a %s update", fault)
+    return reply
+
+
+def fault_of_round(faults: str, msg: Message) -> str:
+    """The entry of the ``fault`` list that applies to this message's round."""
+    kinds = [k.strip() for k in faults.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in FAULTS]
+    if not kinds or unknown:
+        raise ConfigError(f"node config 'fault': {faults!r}; each entry one of {', '.join(FAULTS)}")
+    server_round = int(msg.content.config_records[ROUND_CONFIG]["server-round"])  # type: ignore[arg-type]
+    return kinds[(server_round - 1) % len(kinds)]
+
+
+def corrupt_update(record: ArrayRecord, fault: str) -> ArrayRecord:
+    """A copy of ``record`` broken as ``fault`` says (see the module docstring)."""
+    tensors = dict(record.to_torch_state_dict())
+    if fault in ("nan", "inf"):
+        fill = math.nan if fault == "nan" else math.inf
+        tensors = {name: torch.full_like(t, fill) for name, t in tensors.items()}
+    elif fault == "wrong-shape":
+        tensors = {name: t[:-1] if t.ndim and t.shape[0] > 1 else t[..., :0] for name, t in tensors.items()}
+    elif fault == "oversize":
+        tensors["junk"] = torch.zeros(OVERSIZE_BYTES // 4, dtype=torch.float32)
+    return state_to_record(tensors)

@@ -95,6 +95,8 @@ def _run_target(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise ConfigError("--resume DIR continues the run in DIR: leave --out out")
+        if args.config is None and not args.resume.is_dir():
+            raise ConfigError(f"--resume {args.resume}: no such run folder")
         config_path = args.config if args.config is not None else args.resume / "config.toml"
         return load_config(config_path, args.overrides), args.resume, True
     if args.out is None:

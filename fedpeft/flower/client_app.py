@@ -16,12 +16,11 @@ from fedpeft.client import run_client_round
 from fedpeft.config import Config, parse_config
 from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
+from fedpeft.flower.client_state import load_client_state, save_client_state
 from fedpeft.flower.fault_injection import inject_faults
 from fedpeft.flower.records import (
-    CODEC_MEMORY,
     DECLINED,
     GLOBAL_ADAPTER,
-    PRIVACY_LEDGER,
     ROUND_CONFIG,
     TRAIN_METRICS,
     UPDATE,
@@ -29,7 +28,6 @@ from fedpeft.flower.records import (
     state_to_record,
 )
 from fedpeft.flower.run_config import config_from_run_config
-from fedpeft.privacy.ledger import PrivacyLedger
 
 
 def client_id_of(context: Context) -> int:
@@ -99,23 +97,27 @@ def build_client_app(
         client_id = client_id_of(context)
         partition = 0 if "data-file" in context.node_config else client_id
         server_round = int(msg.content.config_records[ROUND_CONFIG]["server-round"])  # type: ignore[arg-type]
+        run_key = str(msg.content.config_records[ROUND_CONFIG].get("run-key", ""))
         global_state = record_to_state(msg.content.array_records[GLOBAL_ADAPTER])
-        stored = context.state.array_records.get(CODEC_MEMORY)
-        memory = record_to_state(stored) if stored is not None else {}
-        # The client's DP events persist in its own state, so epsilon composes over
-        # every round it takes part in, across server restarts of the same SuperNode.
-        ledger_record = context.state.config_records.get(PRIVACY_LEDGER)
-        ledger = PrivacyLedger.from_json(str(ledger_record["events"])) if ledger_record else PrivacyLedger()
+        # The client's DP events and codec memory persist in its own state, so epsilon
+        # composes over every round it takes part in (across a resumed run too, with
+        # the node config state-dir).
+        state = load_client_state(context, run_key)
         try:
             result = run_client_round(
-                experiment, client_id, global_state, server_round, memory, ledger, partition=partition
+                experiment,
+                client_id,
+                global_state,
+                server_round,
+                state.memory,
+                state.ledger,
+                partition=partition,
             )
         except PrivacyBudgetExhausted as err:
             # Not a failure: the client keeps its promise. Say so instead of raising,
             # which Flower would log as a crash with a traceback.
             return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
-        if memory:
-            context.state[CODEC_MEMORY] = state_to_record(memory)
+        save_client_state(context, run_key, state)
         values: dict[str, int | float | list[int] | list[float]] = {
             "client-id": client_id,
             "num-examples": result.num_examples,
@@ -124,7 +126,6 @@ def build_client_app(
             "train-seconds": time.monotonic() - started,
         }
         if result.privacy is not None:
-            context.state[PRIVACY_LEDGER] = ConfigRecord({"events": ledger.to_json()})
             values.update(
                 {
                     "dp-noise-multiplier": result.privacy.noise_multiplier,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def run_federation(
         ledger = PrivacyLedger()
         history = new_history(config, experiment, global_state, progress)
         first_round = 1
+    strategy.run_key = str(history.meta.setdefault("run_key", uuid.uuid4().hex))
     for server_round in range(first_round, rounds + 1):
         started = time.monotonic()
         stage_metrics: dict[str, float] = {}

@@ -81,6 +81,9 @@ class AdapterStrategy(Strategy):
         self.central_privacy = central_privacy if central_privacy and central_privacy.enabled else None
         self.capture = capture
         self.sampled = 0
+        self.run_key = ""
+        """The run's id (kept in its checkpoint, the same after a resume); clients key
+        the state they keep on disk by it."""
         self._global: dict[str, Tensor] = {}
         self.traffic = RoundTraffic()
 
@@ -111,7 +114,7 @@ class AdapterStrategy(Strategy):
             self._global = malicious_adapter(self._global, seed=self.run_seed * 7_919 + server_round)
             arrays = state_to_record(self._global)
         self.traffic = RoundTraffic()
-        round_config = ConfigRecord({**config, "server-round": server_round})
+        round_config = ConfigRecord({**config, "server-round": server_round, "run-key": self.run_key})
         messages = []
         nodes = self.sample_nodes(server_round, grid)
         self.sampled = len(nodes)

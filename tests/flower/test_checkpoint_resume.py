@@ -210,3 +210,44 @@ def test_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"checkpoint\.pt: not a readable fedpeft checkpoint"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_client_residuals_survive_a_resume_only_with_a_state_dir(
+    tiny_config_data: dict, tmp_path: Path, keep_state: bool
+) -> None:
+    config = config_for(tiny_config_data, codec="topk", codec_options={"density": 0.1})
+
+    def nodes() -> dict[int, dict]:
+        extra = {"state-dir": str(tmp_path / "device-state")} if keep_state else {}
+        return {100 + i: {"partition-id": i, **extra} for i in range(3)}
+
+    run(config, tmp_path / "whole", InProcessGrid(app_for(config), nodes()))
+    with pytest.raises(Crash):
+        run(config, tmp_path / "resumed", InProcessGrid(app_for(config), nodes(), crash_on_call=3))
+    # New contexts: a resumed run is a new Flower run, whose Context.state starts empty.
+    run(config, tmp_path / "resumed", InProcessGrid(app_for(config), nodes()), resume=True)
+    whole, resumed = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "resumed")
+    same = all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert same == keep_state
+
+
+def test_client_epsilon_continues_across_a_resume_with_a_state_dir(
+    tiny_config_data: dict, tmp_path: Path
+) -> None:
+    config = config_for(tiny_config_data)
+    data = config.to_dict()
+    data["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1.0}}
+    config = parse_config(data)
+    nodes = {100 + i: {"partition-id": i, "state-dir": str(tmp_path / "device-state")} for i in range(3)}
+    whole = run(config, tmp_path / "whole", InProcessGrid(app_for(config), nodes))
+    with pytest.raises(Crash):
+        run(config, tmp_path / "resumed", InProcessGrid(app_for(config), nodes, crash_on_call=3))
+    resumed = run(config, tmp_path / "resumed", InProcessGrid(app_for(config), nodes), resume=True)
+
+    def reported(history) -> list[list[float]]:
+        return [[c.epsilon for c in r.per_client] for r in history.rounds]
+
+    # Each client's own epsilon after round 3 composes rounds 1-3, as without the crash.
+    assert reported(resumed) == reported(whole)
+    assert reported(resumed)[2][0] > reported(resumed)[1][0] > reported(resumed)[0][0]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Start a Flower SuperNode for one device: TLS to the SuperLink, authenticated by key.
+#
+#   clients/start_supernode.sh --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY \
+#       --partition-id N [--data-file PATH] [--device cpu|cuda|cuda:N|auto] [--port PORT]
+#
+# --partition-id  the client's id; without --data-file also its partition of the
+#                 run's training data (for trials with one shared data set)
+# --data-file     this device's own training data (TSV/CSV/JSONL with the run's text
+#                 and label columns); the device trains on all of it
+# --device        where this device trains (default: the run's train.device)
+# --state-dir     where the device keeps what it remembers between rounds (its DP
+#                 ledger, top-k residuals), so a resumed run continues them
+#                 (default: PRIVATE_KEY.state, beside the key)
+# --port          local port of the SuperNode's own API (default 9094; give each
+#                 SuperNode on one machine its own)
+# --fault KINDS   fire drill: send broken updates, one kind per round in turn
+#                 (none, nan, inf, oversize, wrong-shape, crash; e.g. "nan,oversize";
+#                 see fedpeft/flower/fault_injection.py). Never in production.
+# Any other arguments go to flower-supernode unchanged.
+set -euo pipefail
+superlink="" ca="" key="" node_config="" state_dir="" port=9094 extra=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --superlink) superlink=$2; shift 2 ;;
+        --ca) ca=$2; shift 2 ;;
+        --key) key=$2; shift 2 ;;
+        --partition-id) node_config+="partition-id=$2 "; shift 2 ;;
+        --data-file) node_config+="data-file=\"$(cd "$(dirname "$2")" && pwd)/$(basename "$2")\" "; shift 2 ;;
+        --device) node_config+="device=\"$2\" "; shift 2 ;;
+        --fault) node_config+="fault=\"$2\" "; shift 2 ;;
+        --state-dir) state_dir=$2; shift 2 ;;
+        --port) port=$2; shift 2 ;;
+        *) extra+=("$1"); shift ;;
+    esac
+done
+if [ -z "$superlink" ] || [ -z "$ca" ] || [ -z "$key" ] || [[ $node_config != *partition-id=* ]]; then
+    echo "usage: $0 --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY --partition-id N" \
+        "[--data-file PATH] [--device DEVICE] [--port PORT]" >&2
+    exit 2
+fi
+[ -f "$ca" ] || { echo "$0: $ca not found" >&2; exit 2; }
+[ -f "$key" ] || { echo "$0: $key not found (make it with clients/make_node_key.sh)" >&2; exit 2; }
+state_dir=${state_dir:-$key.state}
+mkdir -p "$state_dir" && chmod 700 "$state_dir"
+node_config+="state-dir=\"$(cd "$state_dir" && pwd)\" "
+export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+exec flower-supernode \
+    --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
+    --node-config "${node_config% }" --port "$port" \
+    "${extra[@]}"

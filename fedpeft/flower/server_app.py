@@ -101,7 +101,21 @@ def run_federation(
         ledger = PrivacyLedger()
         history = new_history(config, experiment, global_state, progress)
         first_round = 1
-    strategy.run_key = str(history.meta.setdefault("run_key", uuid.uuid4().hex))
+    strategy.run_key = str(history.meta["run_key"])
+
+    def save(completed_round: int, finished: bool = False) -> None:
+        checkpoint = RoundCheckpoint(
+            completed_round=completed_round,
+            config_fingerprint=config.fingerprint(),
+            global_state=global_state,
+            aggregator_state=strategy.aggregator.state_dict(),
+            ledger=ledger,
+            history=history,
+            finished=finished,
+        )
+        save_checkpoint(out_dir, checkpoint)
+        write_views(out_dir, history, ledger)
+
     for server_round in range(first_round, rounds + 1):
         started = time.monotonic()
         stage_metrics: dict[str, float] = {}
@@ -141,18 +155,7 @@ def run_federation(
         history.rounds.append(record)
         # The checkpoint first: it is the record of truth a restart reads; metrics.json
         # and privacy_ledger.json are views of it, rewritten from it on resume.
-        save_checkpoint(
-            out_dir,
-            RoundCheckpoint(
-                completed_round=server_round,
-                config_fingerprint=config.fingerprint(),
-                global_state=global_state,
-                aggregator_state=strategy.aggregator.state_dict(),
-                ledger=ledger,
-                history=history,
-            ),
-        )
-        write_views(out_dir, history, ledger)
+        save(server_round)
         spent = "".join(
             f"  eps({unit}) {record.privacy[f'epsilon_{unit}']:.3g}"
             for unit in ("example", "client")
@@ -165,19 +168,7 @@ def run_federation(
         )
     experiment.prepare_round(rounds)  # the final adapter's shape (SLoRA's stage), on resume too
     save_adapter(experiment.model.model, global_state, out_dir / "adapter")
-    save_checkpoint(
-        out_dir,
-        RoundCheckpoint(
-            completed_round=rounds,
-            config_fingerprint=config.fingerprint(),
-            global_state=global_state,
-            aggregator_state=strategy.aggregator.state_dict(),
-            ledger=ledger,
-            history=history,
-            finished=True,
-        ),
-    )
-    write_views(out_dir, history, ledger)
+    save(rounds, finished=True)
     return history
 
 
@@ -215,6 +206,9 @@ def new_history(
             "base_model_bytes": base_model_nbytes(experiment.model.model),
             "adapter_bytes": state_nbytes(global_state),
             "trainable_parameters": sum(t.numel() for t in global_state.values()),
+            # Names this run to its clients; kept in the checkpoint, so a resumed run is
+            # the same run to the state they keep on disk.
+            "run_key": uuid.uuid4().hex,
         },
         initial={"accuracy": initial.accuracy, "loss": initial.loss},
     )

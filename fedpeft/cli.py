@@ -29,6 +29,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_folder_args(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--out", type=Path, default=None, help=f"run folder to write{where}")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"continue the unfinished run in DIR{where} after its last completed round "
+        "(its config.toml unless --config is given)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="fedpeft", description=__doc__)
@@ -36,15 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run a federation on Flower's simulation engine")
     _add_config_args(simulate)
-    simulate.add_argument("--out", type=Path, default=None, help="run folder to write")
-    simulate.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="continue the unfinished run in DIR after its last completed round "
-        "(its config.toml unless --config is given)",
-    )
+    _add_run_folder_args(simulate, "")
     simulate.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
 
     deploy = commands.add_parser(
@@ -56,14 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(deploy)
     deploy.add_argument("--superlink", required=True, help="SuperLink connection name (server/connect.sh)")
-    deploy.add_argument("--out", type=Path, default=None, help="run folder on the server machine")
-    deploy.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="continue the unfinished run in DIR on the server machine after its last completed round",
-    )
+    _add_run_folder_args(deploy, " on the server machine")
 
     attack = commands.add_parser(
         "attack",

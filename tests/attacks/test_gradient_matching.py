@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
-from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.errors import AttackError, ConfigError
-from fedpeft.models import LoadedModel, adapter_state, build_model
-from tests.attacks.test_token_set import fedsgd_observation, no_dropout
+from fedpeft.models import LoadedModel, adapter_state
+from tests.attacks.test_token_set import fedsgd_observation
 
 SENTENCE = "the quiet river runs past old mills"
-
-
-@pytest.fixture()
-def tiny_llama(tiny_llama_dir: Path) -> LoadedModel:
-    adapter = AdapterConfig(
-        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
-    )  # type: ignore[call-arg]
-    return no_dropout(build_model(ModelConfig(name_or_path=str(tiny_llama_dir), task="causal-lm"), adapter))
 
 
 def honest_observation(loaded: LoadedModel, noise_std: float = 0.0) -> tuple[Observation, list[list[int]]]:

@@ -57,14 +57,6 @@ def no_dropout(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-@pytest.fixture()
-def tiny_llama(tiny_llama_dir: Path) -> LoadedModel:
-    adapter = AdapterConfig(
-        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
-    )  # type: ignore[call-arg]
-    return no_dropout(build_model(ModelConfig(name_or_path=str(tiny_llama_dir), task="causal-lm"), adapter))
-
-
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
     """A 2-layer BERT classifier initialised 10x wider than BERT's default.

@@ -13,9 +13,13 @@ plus the number of references whose loss is lower *or equal*), so a model that g
 every candidate the same loss shows exposure 0, never a memorisation it does not have.
 
 The *extrapolated* exposure (the paper's section 4.3) fits a distribution to the
-reference losses and reads the canary's tail probability from it: ``-log2 P(L <=
-loss)``. It can exceed the sampled maximum; fedpeft fits a normal distribution (the
-paper fits a skew-normal), so treat it as an estimate, not a measurement.
+references' scores and reads the canary's tail probability from it: ``-log2 P(S <=
+score)``. It can exceed the sampled maximum. The paper fits a skew-normal to
+log-perplexities; fedpeft fits a normal distribution to whatever score it is given,
+and the audit gives it the negated logit-scaled confidence ``-log(p / (1 - p))`` with
+``p = exp(-loss)``, which is close to Gaussian where raw losses are not (Carlini et
+al., 2022, Membership Inference Attacks From First Principles). An estimate, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ def exposure(canary_loss: float, reference_losses: Sequence[float]) -> float:
 
 
 def extrapolated_exposure(canary_loss: float, reference_losses: Sequence[float]) -> float:
-    """``-log2 Phi((loss - mu) / sigma)`` under a normal fit to the reference losses.
+    """``-log2 Phi((score - mu) / sigma)`` under a normal fit to the references' scores.
+
+    Lower scores are more exposed, as with losses; see the module docstring for the
+    score the audit passes.
 
     Raises:
         ValueError: Fewer than two references, or references that all share one loss.

@@ -82,6 +82,16 @@ def roc_auc(scores: Sequence[float], is_member: Sequence[bool]) -> float:
     )
 
 
+def auc_null_std(members: int, non_members: int) -> float:
+    """Standard deviation of the AUC of a scorer that knows nothing (Mann-Whitney under the null).
+
+    ``sqrt((n1 + n2 + 1) / (12 n1 n2))``: an AUC within about two of these of 0.5 is chance.
+    """
+    if members < 1 or non_members < 1:
+        raise ValueError("AUC needs at least one member and one non-member")
+    return math.sqrt((members + non_members + 1) / (12 * members * non_members))
+
+
 def tpr_at_fpr(scores: Sequence[float], is_member: Sequence[bool], max_fpr: float) -> float:
     """The highest true positive rate of a threshold whose false positive rate is <= ``max_fpr``.
 

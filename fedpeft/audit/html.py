@@ -23,9 +23,10 @@ code{background:#f1f4f9;padding:1px 4px}
 """
 
 
-def _number(value: Any, digits: int = 3) -> str:
+def _number(value: Any, digits: int = 3, missing: str = "∞") -> str:
+    """A table cell: ``missing`` for None (an unbounded epsilon unless said otherwise)."""
     if value is None:
-        return "∞" if digits >= 0 else "–"
+        return missing
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -176,7 +177,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                         f"{o['rouge1']:.3f}",
                         f"{o['rougeL']:.3f}",
                         f"{o['exact_sequence_rate']:.3f}",
-                        _number(o["pii_recovery_rate"], -1),
+                        _number(o["pii_recovery_rate"], missing="–"),
                     ]
                     for o in attacks["outcomes"]
                 ],
@@ -213,9 +214,9 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     c["repetitions"],
                     c["references"],
                     f"{c['max_exposure']:.2f}",
-                    _number(c["mean_exposure_included"], 2),
-                    _number(c["max_exposure_included"], 2),
-                    _number(c["mean_exposure_excluded"], 2),
+                    _number(c["mean_exposure_included"], 2, "–"),
+                    _number(c["max_exposure_included"], 2, "–"),
+                    _number(c["mean_exposure_excluded"], 2, "–"),
                 ]
             )
     out.append(
@@ -248,11 +249,11 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     [
                         [
                             i["text"],
-                            _number(i["label"], -1),
+                            _number(i["label"], missing="–"),
                             _number(i["included"]),
                             f"{i['loss']:.4f}",
                             f"{i['exposure']:.2f}",
-                            _number(i["extrapolated_exposure"], 2),
+                            _number(i["extrapolated_exposure"], 2, "–"),
                         ]
                         for i in top
                     ],

@@ -254,6 +254,10 @@ def run_audit(
         raise ConfigError(
             "audit: plant canaries or membership examples ([audit] canaries, membership_examples)"
         )
+    for spec in config.audit.compare:
+        # Data, the plan and DP calibration fail here, with the key named, before any training.
+        experiment = Experiment.cached(variant_config(config, spec))
+        _ = experiment.audit_plan, experiment.privacy_plan
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = []
     total = len(config.audit.compare) * stages_of(config)

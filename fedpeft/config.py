@@ -258,6 +258,46 @@ class AttackConfig(_Section):
     """Recovered-vs-true examples printed per captured update."""
 
 
+class AuditVariant(BaseModel):
+    """One entry of ``audit.compare``, parsed: ``none|example:<eps>[@<batch_size>]``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target_epsilon: float | None
+    """None: no DP; else DP-SGD calibrated to this epsilon."""
+    batch_size: int | None
+    """None: the config's ``train.batch_size``."""
+
+
+def parse_audit_variant(spec: str) -> AuditVariant:
+    """``"none"``, ``"example:8"``, ``"none@32"``, ``"example:8@64"`` -> :class:`AuditVariant`.
+
+    Raises:
+        ValueError: Anything else (the message names the accepted forms).
+
+    """
+    privacy, at, batch = spec.partition("@")
+    problem = ValueError(
+        f"audit.compare: {spec!r} is not 'none' or 'example:<epsilon>', "
+        "optionally followed by '@<batch_size>'"
+    )
+    batch_size = None
+    if at:
+        if not batch.isdigit() or int(batch) < 1:
+            raise problem
+        batch_size = int(batch)
+    if privacy == "none":
+        return AuditVariant(target_epsilon=None, batch_size=batch_size)
+    kind, _, value = privacy.partition(":")
+    try:
+        epsilon = float(value)
+    except ValueError:
+        raise problem from None
+    if kind != "example" or not 0 < epsilon < float("inf"):
+        raise problem
+    return AuditVariant(target_epsilon=epsilon, batch_size=batch_size)
+
+
 class AuditConfig(_Section):
     """What ``fedpeft audit`` plants in the federation and measures afterwards.
 
@@ -288,9 +328,10 @@ class AuditConfig(_Section):
     shadow_steps: int | None = Field(default=None, gt=0)
     """Local steps of each shadow adapter; unset: rounds x ``train.steps``."""
     compare: list[str] = Field(default_factory=lambda: ["none"])
-    """Privacy variants ``fedpeft audit`` runs side by side: ``none`` (no DP) or
+    """Variants ``fedpeft audit`` runs side by side: ``none`` (no DP) or
     ``example:<target_epsilon>`` (DP-SGD calibrated to that epsilon at
-    ``privacy.example.delta``)."""
+    ``privacy.example.delta``), optionally with ``@<batch_size>`` to change
+    ``train.batch_size`` (``"none@32"``): see :func:`parse_audit_variant`."""
     confidence: float = Field(default=0.95, gt=0, lt=1)
     """Confidence of the empirical epsilon lower bound."""
 
@@ -308,15 +349,9 @@ class AuditConfig(_Section):
         if not self.compare:
             raise ValueError("audit.compare: name at least one variant (e.g. 'none')")
         for variant in self.compare:
-            kind, _, value = variant.partition(":")
-            if variant == "none":
-                continue
-            try:
-                good = kind == "example" and float(value) > 0
-            except ValueError:
-                good = False
-            if not good:
-                raise ValueError(f"audit.compare: {variant!r} is not 'none' or 'example:<epsilon>'")
+            parse_audit_variant(variant)
+        if len(set(self.compare)) != len(self.compare):
+            raise ValueError(f"audit.compare: a variant is listed twice in {self.compare}")
         return self
 
     @property

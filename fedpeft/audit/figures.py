@@ -91,17 +91,14 @@ def render_png(spec: Figure, width: float = 6.4, height: float = 3.6, dpi: int =
                         linestyle=style.get("linestyle", "-"),
                     )
             else:
-                xs, ys = series["x"], series["y"]
-                if spec["x_scale"] == "log" or spec["y_scale"] == "log":
-                    keep = [
-                        (x, y)
-                        for x, y in zip(xs, ys, strict=True)
-                        if _positive(x, spec["x_scale"]) and _positive(y, spec["y_scale"])
-                    ]
-                    xs, ys = [p[0] for p in keep], [p[1] for p in keep]
+                keep = [
+                    (x, y)
+                    for x, y in zip(series["x"], series["y"], strict=True)
+                    if _positive(x, spec["x_scale"]) and _positive(y, spec["y_scale"])
+                ]
                 ax.plot(
-                    xs,
-                    ys,
+                    [p[0] for p in keep],
+                    [p[1] for p in keep],
                     label=series["name"],
                     linestyle=style.get("linestyle", "-"),
                     color=style.get("color"),

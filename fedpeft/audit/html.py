@@ -192,7 +192,6 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 f"<code>{escape(example['true'])}</code><br>"
                 f"recovered: <code>{escape(example['recovered'])}</code></p>"
             )
-    out.append(_image(pngs, "attack_vs_batch_size", "attack vs batch size"))
 
     out.append("<h2>3. Canary exposure</h2>")
     out.append(
@@ -298,6 +297,8 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
         + _image(pngs, "roc_curves", "ROC curves")
         + "</div><div>"
         + _image(pngs, "attack_vs_epsilon", "attack vs epsilon")
+        + "</div><div>"
+        + _image(pngs, "attack_vs_batch_size", "attack vs batch size")
         + "</div></div>"
     )
 

@@ -155,6 +155,7 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
     )
     figure("roc_curves", "ROC curves")
     figure("attack_vs_epsilon", "attack vs epsilon")
+    figure("attack_vs_batch_size", "attack vs batch size")
 
     out += ["## 5. Empirical epsilon lower bound", ""]
     out += _table(

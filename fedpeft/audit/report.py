@@ -125,27 +125,44 @@ def _versus_epsilon_figure(variants: list[dict[str, Any]]) -> Figure:
 
 
 def _versus_batch_figure(variants: list[dict[str, Any]]) -> Figure:
-    points: dict[str, dict[int, list[float]]] = {}
+    """Best membership AUC and token recall against the local batch size, one line per privacy setting.
+
+    Variants differ in batch size only through ``@<batch_size>`` in ``audit.compare``;
+    with one batch size each line is a single point.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
     for v in variants:
-        for row in (v.get("attacks") or {}).get("outcomes", []):
-            points.setdefault(v["name"], {}).setdefault(row["batch_size"], []).append(row["token_recall"])
-    series = []
-    for name, by_batch in points.items():
-        sizes = sorted(by_batch)
+        groups.setdefault(v["spec"].partition("@")[0], []).append(v)
+    series: list[dict[str, Any]] = []
+    for privacy, members in groups.items():
+        members = sorted(members, key=lambda v: v["batch_size"])
+        sizes = [v["batch_size"] for v in members]
+        aucs = [
+            max((a["auc"] for a in (v.get("membership") or {}).get("attacks", [])), default=None)
+            for v in members
+        ]
         series.append(
-            {
-                "name": f"{name}: token recall",
-                "x": sizes,
-                "y": [sum(by_batch[b]) / len(by_batch[b]) for b in sizes],
-                "style": {"marker": "o"},
-            }
+            {"name": f"{privacy}: best membership AUC", "x": sizes, "y": aucs, "style": {"marker": "o"}}
         )
+        recalls = [
+            max((o["token_recall"] for o in (v.get("attacks") or {}).get("outcomes", [])), default=None)
+            for v in members
+        ]
+        if any(r is not None for r in recalls):
+            series.append(
+                {
+                    "name": f"{privacy}: token recall (attack)",
+                    "x": sizes,
+                    "y": recalls,
+                    "style": {"marker": "s"},
+                }
+            )
     return figure(
         "attack_vs_batch_size",
-        "Gradient inversion against the local batch size",
+        "Attack success against the local batch size",
         "line",
-        "batch size",
-        "token recall (mean over captures)",
+        "batch size (train.batch_size)",
+        "AUC / token recall",
         series,
     )
 
@@ -159,8 +176,7 @@ def build_report(config: Config, variants: list[dict[str, Any]]) -> dict[str, An
         _roc_figure(variants),
         _versus_epsilon_figure(variants),
     ]
-    if any((v.get("attacks") or {}).get("outcomes") for v in variants):
-        figures.append(_versus_batch_figure(variants))
+    figures.append(_versus_batch_figure(variants))
     flags = [
         {"level": "error", "variant": v["name"], "message": reason}
         for v, verdict in zip(variants, overall_verdict(variants)["variants"], strict=True)

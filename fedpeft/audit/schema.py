@@ -121,7 +121,7 @@ _VARIANT = {
     ],
     "properties": {
         "name": {"type": "string"},
-        "spec": {"type": "string", "pattern": "^(none|example:[0-9.eE+-]+)$"},
+        "spec": {"type": "string", "pattern": "^(none|example:[0-9.eE+-]+)(@[0-9]+)?$"},
         "config_fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
         "utility": {
             "type": "object",

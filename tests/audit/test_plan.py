@@ -76,6 +76,9 @@ def test_plan_refuses_to_hold_out_everything() -> None:
     [
         ({"compare": ["example:x"]}, "example:<epsilon>"),
         ({"compare": ["client:8"]}, "example:<epsilon>"),
+        ({"compare": ["none@0"]}, "@<batch_size>"),
+        ({"compare": ["example:inf"]}, "example:<epsilon>"),
+        ({"compare": ["none", "none"]}, "listed twice"),
         ({"compare": []}, "at least one variant"),
         ({"canaries": 5, "canary_digits": 1, "references": 10}, "do not fit"),
         ({"membership_examples": 5, "clients": [9]}, "outside"),
@@ -84,3 +87,23 @@ def test_plan_refuses_to_hold_out_everything() -> None:
 def test_audit_config_is_validated(audit: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_config({"partition": {"num_clients": 3}, "audit": audit})
+
+
+def test_variants_parse_and_change_only_what_they_name() -> None:
+    from fedpeft.audit.variants import variant_config, variant_name
+    from fedpeft.config import parse_audit_variant
+
+    assert parse_audit_variant("none").target_epsilon is None
+    assert parse_audit_variant("example:8@64").model_dump() == {"target_epsilon": 8.0, "batch_size": 64}
+    assert [variant_name(s) for s in ("none", "example:8", "none@32")] == [
+        "none",
+        "example-eps-8",
+        "none-batch-32",
+    ]
+    base = parse_config({"privacy": {"client": {"enabled": True}}, "audit": {"membership_examples": 10}})
+    private = variant_config(base, "example:3@32")
+    assert private.privacy.example.enabled and private.privacy.example.target_epsilon == 3.0
+    assert not private.privacy.client.enabled and private.train.batch_size == 32
+    plain = variant_config(base, "none")
+    assert not plain.privacy.example.enabled and not plain.privacy.client.enabled
+    assert plain.audit == base.audit and plain.train == base.train

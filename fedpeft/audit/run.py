@@ -16,6 +16,7 @@ The report (:mod:`fedpeft.audit.report`) puts the variants side by side.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -175,8 +176,6 @@ def audit_variant(
     else:
         if run_dir.exists():
             # A stale or unfinished run of another config: the audit owns this folder.
-            import shutil
-
             shutil.rmtree(run_dir)
         run_federation_process(config, run_dir, lambda: bar.update(1))
     checkpoint = load_checkpoint(run_dir)

@@ -64,6 +64,7 @@ def _leaky_config(folder: Path, tokenizer_dir: Path) -> dict[str, Any]:
             "membership_examples": 80,
             "clients": [0, 1],
             "shadow_models": 2,
+            "shadow_steps": 320,
             "compare": ["none", "example:0.5"],
         },
     }

@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft simulate | deploy | attack | validate``."""
+"""Command line: ``fedpeft simulate | deploy | attack | audit | validate``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="attack the captures in this folder instead of running the federation",
     )
     attack.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+
+    audit = commands.add_parser(
+        "audit",
+        help="run federations with planted canaries and examples, then write a privacy audit report",
+        description="Runs the config's federation once per [audit] compare variant (e.g. no DP and "
+        "DP-SGD at epsilon 8) with canaries and membership examples planted in the [audit] clients' "
+        "data, then writes OUT/report.html, report.json and report.md: the guarantees of the privacy "
+        "ledger, attacks on captured updates, canary exposure, membership inference, an empirical "
+        "epsilon lower bound and a verdict.",
+    )
+    _add_config_args(audit)
+    audit.add_argument("--out", type=Path, required=True, help="folder for the report and the variants' runs")
+    audit.add_argument(
+        "--show-secrets", action="store_true", help="print canary secrets and recovered text unmasked"
+    )
+    audit.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run every federation again even if OUT/runs holds a finished run of the same config",
+    )
+    audit.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite report.html and report.md from OUT/report.json (no training)",
+    )
 
     validate = commands.add_parser("validate", help="check a config and print it resolved")
     _add_config_args(validate)
@@ -202,6 +227,43 @@ def _attack(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out / 'attack.json'}")
 
 
+def _audit(args: argparse.Namespace) -> None:
+    from fedpeft.audit.report import write_report
+    from fedpeft.audit.run import load_report, run_audit
+    from fedpeft.config import load_config
+
+    if args.report_only:
+        write_report(load_report(args.out), args.out)
+        print(f"rewrote {args.out}/report.html and report.md from report.json")
+        return
+    config = load_config(args.config, args.overrides)
+    report = run_audit(config, args.out, show_secrets=args.show_secrets, reuse=not args.rerun)
+    print()
+    for flag in report["flags"]:
+        print(f"!!! {flag['variant']}: {flag['message']}")
+    print(report["verdict"]["summary"])
+    print(
+        f"{'variant':<16} {'epsilon':>8} {'bound':>7} {'AUC loss':>8} {'AUC LiRA':>8} "
+        f"{'exposure':>8} {'acc':>6}"
+    )
+    for v in report["variants"]:
+        aucs = {a["name"]: a["auc"] for a in (v["membership"] or {}).get("attacks", [])}
+        bounds = [b["epsilon_lower_bound"] for b in v["one_run"] if b["source"] == "membership examples"]
+        canaries = v["canaries"] or {}
+        eps = v["reported_example_epsilon"]
+
+        def show(value: float | None, digits: int = 3) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        print(
+            f"{v['name']:<16} {'inf' if eps is None else f'{eps:.2f}':>8} "
+            f"{show(bounds[0] if bounds else None, 2):>7} {show(aucs.get('loss')):>8} "
+            f"{show(aucs.get('lira_online')):>8} {show(canaries.get('mean_exposure_included'), 2):>8} "
+            f"{v['utility']['accuracy']:>6.3f}"
+        )
+    print(f"wrote {args.out}/report.html, report.json and report.md")
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from fedpeft.flower.deployment import deploy
 
@@ -232,7 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    commands = {"simulate": _simulate, "deploy": _deploy, "attack": _attack, "validate": _validate}
+    commands = {
+        "simulate": _simulate,
+        "deploy": _deploy,
+        "attack": _attack,
+        "audit": _audit,
+        "validate": _validate,
+    }
     try:
         code = commands[args.command](args)
     except FedPeftError as err:

@@ -258,6 +258,108 @@ class AttackConfig(_Section):
     """Recovered-vs-true examples printed per captured update."""
 
 
+class AuditVariant(BaseModel):
+    """One entry of ``audit.compare``, parsed: ``none|example:<eps>[@<batch_size>]``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target_epsilon: float | None
+    """None: no DP; else DP-SGD calibrated to this epsilon."""
+    batch_size: int | None
+    """None: the config's ``train.batch_size``."""
+
+
+def parse_audit_variant(spec: str) -> AuditVariant:
+    """``"none"``, ``"example:8"``, ``"none@32"``, ``"example:8@64"`` -> :class:`AuditVariant`.
+
+    Raises:
+        ValueError: Anything else (the message names the accepted forms).
+
+    """
+    privacy, at, batch = spec.partition("@")
+    problem = ValueError(
+        f"audit.compare: {spec!r} is not 'none' or 'example:<epsilon>', "
+        "optionally followed by '@<batch_size>'"
+    )
+    batch_size = None
+    if at:
+        if not batch.isdigit() or int(batch) < 1:
+            raise problem
+        batch_size = int(batch)
+    if privacy == "none":
+        return AuditVariant(target_epsilon=None, batch_size=batch_size)
+    kind, _, value = privacy.partition(":")
+    try:
+        epsilon = float(value)
+    except ValueError:
+        raise problem from None
+    if kind != "example" or not 0 < epsilon < float("inf"):
+        raise problem
+    return AuditVariant(target_epsilon=epsilon, batch_size=batch_size)
+
+
+class AuditConfig(_Section):
+    """What ``fedpeft audit`` plants in the federation and measures afterwards.
+
+    Planted examples change the federation itself (clients train on them), so they live
+    in the run config that every client reads; see :mod:`fedpeft.audit.plan`.
+
+    * ``canaries`` random secrets (``canary_prefix`` + ``canary_digits`` random digits,
+      plus a random label for classifiers), each included independently with
+      probability 1/2; an included one is inserted ``canary_repetitions`` times into
+      the data of ``clients``. Their exposure is measured against ``references``
+      candidates of the same format that were never inserted.
+    * ``membership_examples`` examples held out of the training split, each included
+      once with probability 1/2 (the others stay unseen): the membership-inference
+      targets and the one-run audit's guesses.
+    """
+
+    canaries: int = Field(default=0, ge=0)
+    canary_repetitions: int = Field(default=1, ge=1)
+    canary_digits: int = Field(default=6, ge=1, le=18)
+    canary_prefix: str = "my secret code is"
+    references: int = Field(default=1000, ge=1)
+    """Never-inserted candidates each canary's loss is ranked among (exposure)."""
+    membership_examples: int = Field(default=0, ge=0)
+    clients: list[int] = Field(default_factory=lambda: [0])
+    """Clients whose training data receives the included canaries and examples."""
+    shadow_models: int = Field(default=4, ge=0)
+    """Shadow adapters for LiRA (0: the loss attack only)."""
+    shadow_steps: int | None = Field(default=None, gt=0)
+    """Local steps of each shadow adapter; unset: rounds x ``train.steps``."""
+    compare: list[str] = Field(default_factory=lambda: ["none"])
+    """Variants ``fedpeft audit`` runs side by side: ``none`` (no DP) or
+    ``example:<target_epsilon>`` (DP-SGD calibrated to that epsilon at
+    ``privacy.example.delta``), optionally with ``@<batch_size>`` to change
+    ``train.batch_size`` (``"none@32"``): see :func:`parse_audit_variant`."""
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    """Confidence of the empirical epsilon lower bound."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> AuditConfig:
+        if not self.clients:
+            raise ValueError("audit.clients: name at least one client")
+        if any(c < 0 for c in self.clients):
+            raise ValueError(f"audit.clients: client ids are >= 0, got {self.clients}")
+        if self.canaries and self.canaries + self.references > 10**self.canary_digits:
+            raise ValueError(
+                f"audit.references: {self.canaries} canaries + {self.references} references do not fit "
+                f"in the {10**self.canary_digits} secrets of {self.canary_digits} digits"
+            )
+        if not self.compare:
+            raise ValueError("audit.compare: name at least one variant (e.g. 'none')")
+        for variant in self.compare:
+            parse_audit_variant(variant)
+        if len(set(self.compare)) != len(self.compare):
+            raise ValueError(f"audit.compare: a variant is listed twice in {self.compare}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is planted in the federation."""
+        return self.canaries > 0 or self.membership_examples > 0
+
+
 class Config(_Section):
     """A whole run. Mirrors the sections of ``configs/*.toml``."""
 
@@ -273,6 +375,7 @@ class Config(_Section):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     capture: CaptureConfig = Field(default_factory=CaptureConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _capture_fits(self) -> Config:
@@ -283,6 +386,9 @@ class Config(_Section):
         unknown = [c for c in self.capture.clients if c >= clients]
         if unknown and self.partition.scheme != "column":
             raise ValueError(f"capture.clients {unknown} outside 0..{clients - 1}")
+        outside = [c for c in self.audit.clients if c >= clients]
+        if self.audit.enabled and outside:
+            raise ValueError(f"audit.clients {outside} outside 0..{clients - 1}")
         return self
 
     @model_validator(mode="after")

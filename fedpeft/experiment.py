@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedpeft.aggregation import AGGREGATORS, Aggregator, ClippedUpdates
+from fedpeft.audit.plan import AuditPlan
 from fedpeft.codecs import CODECS, UpdateCodec
 from fedpeft.config import Config, TrainConfig
 from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
@@ -54,8 +55,17 @@ class Experiment:
         return load_text_data(self.config.data, keep_columns=[c for c in keep if c])
 
     @cached_property
+    def audit_plan(self) -> AuditPlan | None:
+        """The audit's planted examples and canaries (None unless ``[audit]`` plants any)."""
+        if not self.config.audit.enabled:
+            return None
+        return AuditPlan.build(self.config.audit, self.data.train, self.config.seed, self.num_labels)
+
+    @cached_property
     def partitions(self) -> Partitions:
-        """The training split divided among clients."""
+        """The training split divided among clients (with the audit's insertions, if any)."""
+        if self.audit_plan is not None:
+            return self.audit_plan.partitions(self.config.partition, self.config.seed)
         return partition_dataset(self.data.train, self.config.partition, self.config.seed)
 
     @cached_property

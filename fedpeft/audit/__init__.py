@@ -1,0 +1,1 @@
+"""Privacy audits: planted canaries, exposure, membership inference, epsilon lower bounds, reports."""

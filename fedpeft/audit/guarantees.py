@@ -1,0 +1,141 @@
+"""The report's guarantees: epsilon per client and per round from a run's privacy ledger.
+
+Every number comes from the ledger (:mod:`fedpeft.privacy.ledger`), the same source
+``metrics.json`` uses; this module only arranges it and states what it rests on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fedpeft.config import Config
+from fedpeft.privacy.ledger import SERVER, PrivacyLedger, epsilon_of
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an unbounded epsilon is written as null."""
+    return value if math.isfinite(value) else None
+
+
+def assumptions_of(config: Config, smallest_client: int) -> list[str]:
+    """What the reported epsilons rest on, in plain words, for this config."""
+    example, client = config.privacy.example, config.privacy.client
+    if not example.enabled and not client.enabled:
+        return [
+            "No differential privacy: the run makes no formal privacy promise. Everything "
+            "else in this report is an empirical measurement, a lower bound on the leak."
+        ]
+    notes = []
+    if example.enabled:
+        notes += [
+            "Unit: one training example of one client (example-level DP-SGD, Opacus). A person "
+            "with several examples, or a canary inserted r times, is protected only by group "
+            "privacy, which weakens the guarantee about r-fold.",
+            "Each client's epsilon covers its own data over every round it trained; clients' "
+            "epsilons do not add up, the report shows the largest.",
+            "Batches are Poisson-sampled at rate q = batch / examples, as the accountant assumes; "
+            "noise and sampling use operating-system randomness the server cannot know.",
+            "The client runs the unmodified fedpeft client: the server cannot check that noise was added.",
+            "Hyperparameter tuning on the private data and the choice of which examples a client "
+            "holds are not accounted.",
+        ]
+        if example.delta * smallest_client >= 1:
+            notes.append(
+                f"Warning: delta = {example.delta:g} is not small against the smallest client's "
+                f"{smallest_client} examples (delta x n >= 1 allows leaking an example outright)."
+            )
+    if client.enabled:
+        notes += [
+            "Unit: a whole client (user-level DP-FedAvg on the server). It trusts the server, "
+            "which sees the clipped updates before noise.",
+            "Fixed-size client sampling is accounted as Poisson sampling at the same rate "
+            "(the usual approximation).",
+        ]
+    return notes
+
+
+def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list[int]) -> dict[str, Any]:
+    """Epsilon per client and per round (cumulative), unit, accountant, delta and assumptions."""
+    example, central = config.privacy.example, config.privacy.client
+    rounds = config.federation.rounds
+    section: dict[str, Any] = {
+        "dp": example.enabled or central.enabled,
+        "units": [],
+        "assumptions": assumptions_of(config, min(client_sizes) if client_sizes else 0),
+        "per_round": [],
+    }
+    if example.enabled:
+        parties = sorted(ledger.parties("example"), key=int)
+        per_client = {
+            party: [
+                _finite(
+                    epsilon_of(
+                        [e for e in ledger.select(party, "example") if e.round <= r],
+                        example.delta,
+                        example.accountant,
+                    )
+                )
+                for r in range(1, rounds + 1)
+            ]
+            for party in parties
+        }
+        noise = {p: sorted({e.noise_multiplier for e in ledger.select(p, "example")}) for p in parties}
+        final = {p: values[-1] for p, values in per_client.items()}
+        section["units"].append(
+            {
+                "unit": "example",
+                "mechanism": "DP-SGD (client side)",
+                "accountant": example.accountant,
+                "delta": example.delta,
+                "target_epsilon": example.target_epsilon,
+                "max_grad_norm": example.max_grad_norm,
+                "noise_multiplier": {p: v[0] for p, v in noise.items() if v},
+                "epsilon_final": final,
+                "epsilon_max": max((v for v in final.values() if v is not None), default=None),
+                "epsilon_by_round": per_client,
+            }
+        )
+    if central.enabled:
+        by_round = [
+            _finite(
+                epsilon_of(
+                    [e for e in ledger.select(SERVER, "client") if e.round <= r],
+                    central.delta,
+                    central.accountant,
+                )
+            )
+            for r in range(1, rounds + 1)
+        ]
+        section["units"].append(
+            {
+                "unit": "client",
+                "mechanism": "DP-FedAvg (server side)",
+                "accountant": central.accountant,
+                "delta": central.delta,
+                "target_epsilon": None,
+                "max_grad_norm": central.clipping_norm,
+                "noise_multiplier": {SERVER: central.noise_multiplier},
+                "epsilon_final": {SERVER: by_round[-1]},
+                "epsilon_max": by_round[-1],
+                "epsilon_by_round": {SERVER: by_round},
+            }
+        )
+    return section
+
+
+def example_epsilon(section: dict[str, Any], clients: list[int]) -> float | None:
+    """The epsilon that protects one example of ``clients`` (None: no guarantee).
+
+    Example-level DP bounds it directly (largest over those clients); user-level DP
+    bounds it too, since an example is part of its client. The smaller bound holds.
+    """
+    bounds = []
+    for unit in section["units"]:
+        if unit["unit"] == "example":
+            values = [unit["epsilon_final"].get(str(c)) for c in clients]
+            if values and all(v is not None for v in values):
+                bounds.append(max(values))
+        elif unit["epsilon_max"] is not None:
+            bounds.append(unit["epsilon_max"])
+    return min(bounds) if bounds else None

@@ -1,0 +1,109 @@
+import datasets
+import pytest
+
+from fedpeft.audit.canaries import make_canaries
+from fedpeft.audit.plan import AuditPlan
+from fedpeft.config import AuditConfig, PartitionConfig, parse_config
+from fedpeft.errors import ConfigError
+
+
+def test_canaries_are_deterministic_distinct_and_formatted() -> None:
+    canaries, references = make_canaries(50, 6, "my secret code is", 2, seed=3, references=200)
+    again, _ = make_canaries(50, 6, "my secret code is", 2, seed=3, references=200)
+    assert canaries == again
+    texts = [c.text for c in canaries] + references
+    assert len(set(texts)) == 250
+    first = canaries[0]
+    assert first.text == f"my secret code is {first.secret}"
+    assert len(first.secret.split()) == 6 and first.secret.replace(" ", "").isdigit()
+    assert {c.label for c in canaries} == {0, 1}
+    assert 10 < sum(c.included for c in canaries) < 40
+    assert make_canaries(5, 6, "x", None, seed=4)[0] != canaries[:5]
+    assert all(c.label is None for c in make_canaries(5, 6, "x", None, seed=4)[0])
+    with pytest.raises(ValueError, match="distinct secrets"):
+        make_canaries(8, 1, "x", None, seed=0, references=3)
+
+
+def _train(n: int = 60) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(
+        {"text": [f"row {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}
+    )
+
+
+def test_plan_inserts_only_included_rows_into_audit_clients() -> None:
+    audit = AuditConfig(canaries=6, canary_repetitions=3, references=10, membership_examples=20, clients=[1])
+    partition = PartitionConfig(scheme="iid", num_clients=3)
+    plan = AuditPlan.build(audit, _train(), seed=0, num_labels=2)
+    assert len(plan.remaining) == 40 and len(plan.examples) == 20 and len(plan.references) == 10
+    held = {e.text for e in plan.examples}
+    assert held.isdisjoint(plan.remaining["text"])
+    parts = plan.partitions(partition, seed=0)
+    base = plan.base_partitions(partition, seed=0)
+    assert parts.sizes()[0] == base.sizes()[0] and parts.sizes()[2] == base.sizes()[2]
+    texts = [t for p in parts.parts for t in p["text"]]
+    for example in plan.examples:
+        assert texts.count(example.text) == (1 if example.included else 0)
+    for canary in plan.canaries:
+        assert texts.count(canary.text) == (3 if canary.included else 0)
+    inserted = sum(e.included for e in plan.examples) + 3 * sum(c.included for c in plan.canaries)
+    assert parts.sizes()[1] == base.sizes()[1] + inserted
+    row = parts[1][len(parts[1]) - 1]
+    assert set(row) == {"text", "label"}
+    again = AuditPlan.build(audit, _train(), seed=0, num_labels=2)  # deterministic
+    assert (again.examples, again.canaries, again.references) == (
+        plan.examples,
+        plan.canaries,
+        plan.references,
+    )
+    assert again.remaining["text"] == plan.remaining["text"]
+
+
+def test_plan_splits_inserted_rows_over_several_clients() -> None:
+    audit = AuditConfig(membership_examples=30, clients=[0, 2])
+    plan = AuditPlan.build(audit, _train(), seed=1, num_labels=2)
+    counts = [len(plan.inserted_rows(c)) for c in range(3)]
+    assert counts[1] == 0 and abs(counts[0] - counts[2]) <= 1
+    assert counts[0] + counts[2] == sum(e.included for e in plan.examples)
+
+
+def test_plan_refuses_to_hold_out_everything() -> None:
+    with pytest.raises(ConfigError, match="membership_examples"):
+        AuditPlan.build(AuditConfig(membership_examples=60), _train(), seed=0, num_labels=2)
+
+
+@pytest.mark.parametrize(
+    ("audit", "match"),
+    [
+        ({"compare": ["example:x"]}, "example:<epsilon>"),
+        ({"compare": ["client:8"]}, "example:<epsilon>"),
+        ({"compare": ["none@0"]}, "@<batch_size>"),
+        ({"compare": ["example:inf"]}, "example:<epsilon>"),
+        ({"compare": ["none", "none"]}, "listed twice"),
+        ({"compare": []}, "at least one variant"),
+        ({"canaries": 5, "canary_digits": 1, "references": 10}, "do not fit"),
+        ({"membership_examples": 5, "clients": [9]}, "outside"),
+    ],
+)
+def test_audit_config_is_validated(audit: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"partition": {"num_clients": 3}, "audit": audit})
+
+
+def test_variants_parse_and_change_only_what_they_name() -> None:
+    from fedpeft.audit.variants import variant_config, variant_name
+    from fedpeft.config import parse_audit_variant
+
+    assert parse_audit_variant("none").target_epsilon is None
+    assert parse_audit_variant("example:8@64").model_dump() == {"target_epsilon": 8.0, "batch_size": 64}
+    assert [variant_name(s) for s in ("none", "example:8", "none@32")] == [
+        "none",
+        "example-eps-8",
+        "none-batch-32",
+    ]
+    base = parse_config({"privacy": {"client": {"enabled": True}}, "audit": {"membership_examples": 10}})
+    private = variant_config(base, "example:3@32")
+    assert private.privacy.example.enabled and private.privacy.example.target_epsilon == 3.0
+    assert not private.privacy.client.enabled and private.train.batch_size == 32
+    plain = variant_config(base, "none")
+    assert not plain.privacy.example.enabled and not plain.privacy.client.enabled
+    assert plain.audit == base.audit and plain.train == base.train

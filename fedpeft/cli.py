@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--report-only",
         action="store_true",
-        help="rewrite report.html and report.md from OUT/report.json (no training)",
+        help="judge the verdict again and rewrite the report from OUT/report.json's measurements "
+        "(no training)",
     )
 
     validate = commands.add_parser("validate", help="check a config and print it resolved")
@@ -228,13 +229,13 @@ def _attack(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    from fedpeft.audit.report import write_report
+    from fedpeft.audit.report import refresh_verdict, write_report
     from fedpeft.audit.run import load_report, run_audit
     from fedpeft.config import load_config
 
     if args.report_only:
-        write_report(load_report(args.out), args.out)
-        print(f"rewrote {args.out}/report.html and report.md from report.json")
+        write_report(refresh_verdict(load_report(args.out)), args.out)
+        print(f"rewrote {args.out}/report.html and report.md (and the verdict) from report.json")
         return
     config = load_config(args.config, args.overrides)
     report = run_audit(config, args.out, show_secrets=args.show_secrets, reuse=not args.rerun)

@@ -167,6 +167,21 @@ def _versus_batch_figure(variants: list[dict[str, Any]]) -> Figure:
     )
 
 
+def flags_of(variants: list[dict[str, Any]], verdict: dict[str, Any]) -> list[dict[str, Any]]:
+    """One error flag per variant whose verdict is a violation (bound above the reported epsilon)."""
+    return [
+        {"level": "error", "variant": v["name"], "message": judged["reasons"][0]}
+        for v, judged in zip(variants, verdict["variants"], strict=True)
+        if judged["level"] == "violation"
+    ]
+
+
+def refresh_verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with its verdict and flags judged again from its measurements."""
+    verdict = overall_verdict(report["variants"])
+    return {**report, "verdict": verdict, "flags": flags_of(report["variants"], verdict)}
+
+
 def build_report(config: Config, variants: list[dict[str, Any]]) -> dict[str, Any]:
     """The whole report as plain data (see :data:`REPORT_SCHEMA`)."""
     audit = config.audit
@@ -177,12 +192,7 @@ def build_report(config: Config, variants: list[dict[str, Any]]) -> dict[str, An
         _versus_epsilon_figure(variants),
     ]
     figures.append(_versus_batch_figure(variants))
-    flags = [
-        {"level": "error", "variant": v["name"], "message": reason}
-        for v, verdict in zip(variants, overall_verdict(variants)["variants"], strict=True)
-        if verdict["level"] == "violation"
-        for reason in verdict["reasons"][:1]
-    ]
+    verdict = overall_verdict(variants)
     return {
         "schema_version": 1,
         "fedpeft_version": fedpeft.__version__,
@@ -207,8 +217,8 @@ def build_report(config: Config, variants: list[dict[str, Any]]) -> dict[str, An
             "confidence": audit.confidence,
             "compare": audit.compare,
         },
-        "flags": flags,
-        "verdict": overall_verdict(variants),
+        "flags": flags_of(variants, verdict),
+        "verdict": verdict,
         "variants": variants,
         "figures": figures,
     }

@@ -129,10 +129,10 @@ def recommendations(variant: dict[str, Any], level: str) -> list[str]:
             "clip harder (privacy.example.max_grad_norm down)."
         )
     canaries = variant.get("canaries")
-    if canaries and canaries["repetitions"] > 1 and level != "low":
+    if canaries and canaries["repetitions"] > 1 and _canary_signal(variant)[1] >= 2:
         tips.append(
-            f"Deduplicate training data: a record repeated {canaries['repetitions']} times is protected "
-            f"only by group privacy and is memorised far more."
+            f"Deduplicate training data: the canaries, each repeated {canaries['repetitions']} times, were "
+            "memorised; a repeated record is protected only by group privacy."
         )
     if level != "low":
         tips.append(

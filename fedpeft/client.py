@@ -38,6 +38,10 @@ class ClientRoundResult:
     """The DP-SGD event of this round (None without ``privacy.example``)."""
     epsilon: float | None = None
     """The client's example-level epsilon over every round it trained, this one included."""
+    drawn_batches: tuple[tuple[int, ...], ...] = ()
+    """Partition indices of each DP-SGD batch (Poisson draws from OS randomness): the
+    client's own record, never sent. Simulations keep it beside captured updates so
+    that attacks on them can be scored (:mod:`fedpeft.attacks.drawn_batches`)."""
 
 
 def run_client_round(
@@ -110,6 +114,7 @@ def run_client_round(
         train_loss=result.mean_loss,
         privacy=event,
         epsilon=epsilon,
+        drawn_batches=result.drawn_batches,
     )
 
 

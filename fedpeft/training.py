@@ -33,6 +33,9 @@ class TrainResult:
     examples_seen: int
     steps: int
     mean_loss: float
+    drawn_batches: tuple[tuple[int, ...], ...] = ()
+    """Example indices of each step's batch when the loop drew them itself (DP-SGD's
+    Poisson draws, which nothing can replay); empty for seeded loaders."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fedpeft.attacks.drawn_batches import load_drawn_batches
 from fedpeft.attacks.observation import Observation, ThreatModel
 from fedpeft.config import TrainConfig
 from fedpeft.errors import AttackError
@@ -27,11 +28,17 @@ _NAME = re.compile(r"round-(\d+)-client-(\d+)\.safetensors")
 
 @dataclass(frozen=True)
 class CapturedUpdate:
-    """One client's update of one round, with what the server knew about it."""
+    """One client's update of one round, with what the server knew about it.
+
+    ``drawn_batches`` is the DP client's own record of its Poisson batches when a
+    simulation kept one (:mod:`fedpeft.attacks.drawn_batches`): for scoring only, never
+    handed to an attack.
+    """
 
     server_round: int
     client_id: int
     observation: Observation
+    drawn_batches: tuple[tuple[int, ...], ...] | None = None
 
 
 def threat_model_of(train: TrainConfig, malicious: bool) -> ThreatModel:
@@ -105,6 +112,7 @@ def load_captures(folder: str | Path) -> list[CapturedUpdate]:
 
 
 def _load_one(path: Path, server_round: int, client_id: int) -> CapturedUpdate:
+    drawn = load_drawn_batches(path.parent, server_round, client_id)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     tensors = load_file(str(path))
@@ -121,7 +129,7 @@ def _load_one(path: Path, server_round: int, client_id: int) -> CapturedUpdate:
         )
     except (KeyError, ValueError) as err:
         raise AttackError(f"{path}: not a capture fedpeft wrote ({err})") from None
-    return CapturedUpdate(server_round, client_id, observation)
+    return CapturedUpdate(server_round, client_id, observation, drawn)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 The truth is the batch each client trained on, replayed from the run's seeds: the
 client's shuffled loader is seeded by (run seed, round, client), so the evaluation
-sees exactly the examples of the round without anything being sent or stored.
+sees exactly the examples of the round without anything being sent or stored. DP-SGD's
+Poisson batches cannot be replayed; for them the truth is the client's own record of
+its draws (:mod:`fedpeft.attacks.drawn_batches`).
 """
 
 from __future__ import annotations
@@ -32,19 +34,31 @@ class AttackOutcome:
     truth: tuple[tuple[int, ...], ...]
 
 
-def trained_sequences(experiment: Experiment, client_id: int, server_round: int) -> list[list[int]]:
+def trained_sequences(
+    experiment: Experiment,
+    client_id: int,
+    server_round: int,
+    drawn_batches: Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
     """Token ids (padding removed) of every example the client trained on in the round.
 
+    Args:
+        drawn_batches: Under DP-SGD, the client's record of its batches (partition
+            indices); ignored otherwise, where the seeded loader is replayed.
+
     Raises:
-        AttackError: The round used DP-SGD, whose Poisson batches come from the
-            operating system's randomness and cannot be replayed.
+        AttackError: The round used DP-SGD and no record of its batches is given.
 
     """
     if experiment.config.privacy.example.enabled:
-        raise AttackError(
-            "privacy.example: DP-SGD batches are Poisson draws from OS randomness, so the "
-            "batch of a captured round cannot be replayed for scoring"
-        )
+        if drawn_batches is None:
+            raise AttackError(
+                f"round {server_round} client {client_id}: DP-SGD batches are Poisson draws from OS "
+                "randomness and the client left no record of them (round-RRRR-client-CCCC.batches.json "
+                "beside the capture, written by `fedpeft simulate` for captured rounds)"
+            )
+        examples = experiment.tokenized_partition(client_id)
+        return [list(examples[i]["input_ids"]) for batch in drawn_batches for i in batch]
     train = experiment.train_config_for(server_round)
     loader = experiment.client_loader(client_id, server_round)
     sequences = []
@@ -66,7 +80,17 @@ def attack_captures(
     target = experiment.model
     for index, captured in enumerate(captures, 1):
         experiment.prepare_round(captured.server_round)
-        truth = trained_sequences(experiment, captured.client_id, captured.server_round)
+        truth = trained_sequences(
+            experiment, captured.client_id, captured.server_round, captured.drawn_batches
+        )
+        if not truth:
+            if progress:
+                print(
+                    f"[{index}/{len(captures)}] round {captured.server_round} client {captured.client_id}: "
+                    "its Poisson batches drew no example, so there is nothing to recover; skipped",
+                    flush=True,
+                )
+            continue
         started = time.perf_counter()
         reconstruction = attack.reconstruct(captured.observation, target)
         seconds = time.perf_counter() - started

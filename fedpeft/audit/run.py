@@ -102,13 +102,6 @@ def attack_section(
     config = experiment.config
     if not config.capture.rounds:
         return {"status": "skipped", "reason": "no [capture] rounds configured", "attack": config.attack.name}
-    if config.privacy.example.enabled:
-        return {
-            "status": "skipped",
-            "attack": config.attack.name,
-            "reason": "DP-SGD batches are Poisson draws from OS randomness and cannot be replayed, "
-            "so recovered text cannot be scored against the batch",
-        }
     from fedpeft.attacks import ATTACKS
     from fedpeft.attacks.capture import load_captures
     from fedpeft.attacks.evaluation import attack_captures

@@ -16,6 +16,7 @@ from fedpeft.client import run_client_round
 from fedpeft.config import Config, parse_config
 from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
+from fedpeft.attacks.drawn_batches import save_drawn_batches
 from fedpeft.flower.client_state import load_client_state, save_client_state
 from fedpeft.flower.fault_injection import inject_faults
 from fedpeft.flower.records import (
@@ -72,6 +73,7 @@ def build_client_app(
     config_for: Callable[[Context], Config],
     torch_threads: int | None = None,
     mods: list[Mod] | None = None,
+    batch_records_for: Callable[[Context], Path | None] | None = None,
 ) -> ClientApp:
     """A ClientApp whose config comes from ``config_for(context)``.
 
@@ -83,6 +85,10 @@ def build_client_app(
         torch_threads: Intra-op threads for torch in this process (the CPUs the
             simulation gives each virtual client); None leaves torch's default.
         mods: Flower client mods wrapped around every message.
+        batch_records_for: Where a DP client writes its own record of the batches it
+            drew in captured rounds, so that attacks on its update can be scored
+            (:mod:`fedpeft.attacks.drawn_batches`); the simulation passes its capture
+            folder. None (real SuperNodes): no record is written.
 
     """
     app = ClientApp(mods=mods)
@@ -118,6 +124,12 @@ def build_client_app(
             # which Flower would log as a crash with a traceback.
             return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
         save_client_state(context, run_key, state)
+        records = batch_records_for(context) if batch_records_for is not None else None
+        captured = server_round in config.capture.rounds and (
+            not config.capture.clients or client_id in config.capture.clients
+        )
+        if records is not None and captured and result.drawn_batches:
+            save_drawn_batches(records, server_round, client_id, result.drawn_batches)
         values: dict[str, int | float | list[int] | list[float]] = {
             "client-id": client_id,
             "num-examples": result.num_examples,

@@ -58,7 +58,9 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False, resume:
         lambda _: config, lambda _: out_dir, on_finish=remember, resume_for=lambda _: resume
     )
     client_app = build_client_app(
-        lambda _: config, torch_threads=max(1, int(config.simulation.num_cpus_per_client))
+        lambda _: config,
+        torch_threads=max(1, int(config.simulation.num_cpus_per_client)),
+        batch_records_for=lambda _: out_dir / "captures",
     )
     backend_config = {
         "client_resources": {

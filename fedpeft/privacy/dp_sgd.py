@@ -207,6 +207,7 @@ def train_local_private(
     )
     index_batches = poisson_batches(num_examples, sample_rate, steps) if batches is None else batches
     loss_sum, loss_count, done, seen = 0.0, 0, 0, 0
+    drawn: list[tuple[int, ...]] = []
     with warnings.catch_warnings():
         # Opacus' hooks on a first layer whose input needs no grad, and a noise-only
         # step that bypasses the wrapped optimizer's step(), each warn harmlessly.
@@ -214,6 +215,7 @@ def train_local_private(
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         try:
             for indices in index_batches:
+                drawn.append(tuple(indices))
                 optimizer.zero_grad(set_to_none=True)
                 if not indices:
                     _noise_only_step(optimizer, params)
@@ -235,7 +237,9 @@ def train_local_private(
         finally:
             optimizer.zero_grad(set_to_none=True)
             private_model.cleanup()  # removes Opacus' hooks: the cached model is reused next round
-    result = TrainResult(examples_seen=seen, steps=done, mean_loss=loss_sum / max(loss_count, 1))
+    result = TrainResult(
+        examples_seen=seen, steps=done, mean_loss=loss_sum / max(loss_count, 1), drawn_batches=tuple(drawn)
+    )
     return result, PrivateRound(noise_multiplier, sample_rate, done, mode)
 
 

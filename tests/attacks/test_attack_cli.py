@@ -14,10 +14,8 @@ import tomli_w
 pytestmark = pytest.mark.slow
 
 
-def test_malicious_fedsgd_capture_is_inverted(
-    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
-) -> None:
-    config = {
+def attack_config(tiny_llama_dir: Path, sentiment_files: dict[str, Path]) -> dict:
+    return {
         "seed": 0,
         "model": {"name_or_path": str(tiny_llama_dir), "task": "causal-lm"},
         "adapter": {
@@ -38,6 +36,12 @@ def test_malicious_fedsgd_capture_is_inverted(
         "capture": {"rounds": [2], "clients": [1], "malicious": True},
         "attack": {"name": "sequence_assembly", "show_examples": 1},
     }
+
+
+def test_malicious_fedsgd_capture_is_inverted(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = attack_config(tiny_llama_dir, sentiment_files)
     path = tmp_path / "attack.toml"
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
     out = tmp_path / "run"
@@ -80,3 +84,33 @@ def test_malicious_fedsgd_capture_is_inverted(
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "partitions" not in again.stdout
+
+
+def test_a_dp_capture_is_scored_against_the_clients_own_record(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = attack_config(tiny_llama_dir, sentiment_files)
+    # One example per client and batch 1: Poisson rate 1, so the batch is never empty.
+    config["data"]["max_train_examples"] = 2
+    config["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1e-4, "max_grad_norm": 1.0}}
+    path = tmp_path / "attack.toml"
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "captures").iterdir()) == [
+        "round-0002-client-0001.batches.json",
+        "round-0002-client-0001.safetensors",
+    ]
+    record = json.loads((out / "captures" / "round-0002-client-0001.batches.json").read_text())
+    assert record == {"batches": [[0]]}
+    [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
+    assert outcome["batch_size"] == 1
+    # Per-example clipping rescales the gradient and keeps its spans; noise this small
+    # leaves them intact, so the sentence is recovered as without DP.
+    assert outcome["metrics"]["token_recall"] == 1.0

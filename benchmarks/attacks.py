@@ -8,7 +8,10 @@ the model loads once for every row. The ``lm_prior`` row per batch size is the
 no-gradient baseline.
 
     python benchmarks/attacks.py --out runs/bench/attacks.json
-    python benchmarks/attacks.py --batch-sizes 1,2 --codecs dense
+    python benchmarks/attacks.py --batch-sizes 1,2 --codecs dense --privacy none,eps8
+
+DP rows (``eps8``, ``eps1``: the client's example-level target over the round) are
+scored against the client's own record of its Poisson batches.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fedpeft.client import run_client_round
 from fedpeft.codecs import CodecContext
 from fedpeft.config import load_config
 from fedpeft.experiment import Experiment
+from fedpeft.privacy import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parent.parent
 CODECS_BY_NAME = {
@@ -41,6 +45,10 @@ CODECS_BY_NAME = {
 """Row name -> (codec, its options as a TOML inline table)."""
 
 
+PRIVACY_BY_NAME = {"none": None, "eps8": 8.0, "eps1": 1.0}
+"""Row name -> the client's example-level target epsilon over the round (None: no DP)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,72 +56,101 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/attack-malicious-smollm2.toml")
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--codecs", default=",".join(CODECS_BY_NAME))
-    parser.add_argument("--attack", default="sequence_assembly")
+    parser.add_argument("--attacks", default="sequence_assembly,recit", help="comma-separated attack names")
+    parser.add_argument("--privacy", default=",".join(PRIVACY_BY_NAME), help="none, eps8, eps1")
     parser.add_argument("--clients", type=int, default=2, help="clients (batches) per row")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/attacks.json")
     args = parser.parse_args()
 
     rows: list[dict[str, Any]] = []
-    header = f"{'batch':>5} {'codec':<12} {'attack':<18} {'tok P':>6} {'tok R':>6} {'R-1':>6} {'R-2':>6} {'R-L':>6} {'s/batch':>8}"
+    header = (
+        f"{'batch':>5} {'privacy':<7} {'codec':<12} {'attack':<18} {'tok P':>6} {'tok R':>6} "
+        f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'s/batch':>8}"
+    )
     print(header, flush=True)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        runs = [(name, args.attack) for name in args.codecs.split(",")] + [("dense", "lm_prior")]
-        for codec_name, attack_name in runs:
-            kind, options = CODECS_BY_NAME[codec_name]
-            overrides = [f"train.batch_size={batch_size}", f"federation.codec={kind}"]
-            config = load_config(args.config, [*overrides, f"federation.codec_options={options}"])
-            experiment = Experiment(config)
-            codec = experiment.codec
-            malicious = config.capture.malicious
-            initial = experiment.initial_state
-            sent = malicious_adapter(initial, seed=config.seed) if malicious else dict(initial)
-            attack_options = (
-                {"num_sequences": batch_size, "length": config.data.max_length}
-                if attack_name == "lm_prior"
-                else {}
-            )
-            attack = ATTACKS.build(attack_name, attack_options, "attack.options")
-            totals: dict[str, float] = {}
-            seconds = 0.0
-            for client_id in range(args.clients):
-                result = run_client_round(experiment, client_id, sent, 1, memory={})
-                context = CodecContext(config.seed, 1, client_id)
-                decoded = codec.decode(result.payload, context, sent)
-                observation = Observation(
-                    threat_model_of(config.train, malicious),
-                    sent,
-                    decoded,
-                    learning_rate=config.train.lr,
-                    local_steps=config.train.steps,
-                    num_examples=result.num_examples,
-                )
-                started = time.perf_counter()
-                reconstruction = attack.reconstruct(observation, experiment.model)
-                seconds += time.perf_counter() - started
-                truth = trained_sequences(experiment, client_id, 1)
-                metrics = score_reconstruction(reconstruction, truth, experiment.model.tokenizer)
-                for key, value in vars(metrics).items():
-                    if value is not None:
-                        totals[key] = totals.get(key, 0.0) + value / args.clients
-            row = {
-                "batch_size": batch_size,
-                "codec": codec_name,
-                "codec_options": config.federation.codec_options,
-                "attack": attack_name,
-                "seconds_per_batch": seconds / args.clients,
-                **totals,
-            }
-            rows.append(row)
-            print(
-                f"{batch_size:>5} {codec_name:<12} {attack_name:<18} {row['token_precision']:>6.3f} {row['token_recall']:>6.3f} "
-                f"{row['rouge1']:>6.3f} {row['rouge2']:>6.3f} {row['rougeL']:>6.3f} {row['seconds_per_batch']:>8.1f}",
-                flush=True,
-            )
+        for privacy_name in args.privacy.split(","):
+            target = PRIVACY_BY_NAME[privacy_name]
+            for codec_name in args.codecs.split(","):
+                attacks = args.attacks.split(",")
+                if privacy_name == "none" and codec_name == "dense":
+                    attacks.append("lm_prior")  # the no-gradient baseline, once per batch size
+                for attack_name in attacks:
+                    row = measure_row(args, batch_size, target, codec_name, attack_name)
+                    row["privacy"] = privacy_name
+                    rows.append(row)
+                    print(
+                        f"{batch_size:>5} {privacy_name:<7} {codec_name:<12} {attack_name:<18} "
+                        f"{row['token_precision']:>6.3f} {row['token_recall']:>6.3f} {row['rouge1']:>6.3f} "
+                        f"{row['rouge2']:>6.3f} {row['rougeL']:>6.3f} {row['seconds_per_batch']:>8.1f}",
+                        flush=True,
+                    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"config": str(args.config), "clients_per_row": args.clients, "rows": rows}, indent=2)
     )
     print(f"wrote {args.out}")
+
+
+def measure_row(
+    args: argparse.Namespace, batch_size: int, target: float | None, codec_name: str, attack_name: str
+) -> dict[str, Any]:
+    """One attack on ``args.clients`` clients' updates, each made by the real client round."""
+    kind, options = CODECS_BY_NAME[codec_name]
+    overrides = [
+        f"train.batch_size={batch_size}",
+        f"federation.codec={kind}",
+        f"federation.codec_options={options}",
+    ]
+    if target is not None:
+        overrides += ["privacy.example.enabled=true", f"privacy.example.target_epsilon={target}"]
+    config = load_config(args.config, overrides)
+    experiment = Experiment.cached(config)
+    malicious = config.capture.malicious
+    initial = experiment.initial_state
+    sent = malicious_adapter(initial, seed=config.seed) if malicious else dict(initial)
+    attack_options = (
+        {"num_sequences": batch_size, "length": config.data.max_length} if attack_name == "lm_prior" else {}
+    )
+    attack = ATTACKS.build(attack_name, attack_options, "attack.options")
+    totals: dict[str, float] = {}
+    seconds, scored, epsilon = 0.0, 0, None
+    for client_id in range(args.clients):
+        result = run_client_round(experiment, client_id, sent, 1, memory={}, ledger=PrivacyLedger())
+        epsilon = result.epsilon
+        truth = trained_sequences(experiment, client_id, 1, result.drawn_batches)
+        if not truth:  # an empty Poisson draw: nothing to recover
+            continue
+        decoded = experiment.codec.decode(result.payload, CodecContext(config.seed, 1, client_id), sent)
+        observation = Observation(
+            threat_model_of(config.train, malicious),
+            sent,
+            decoded,
+            learning_rate=config.train.lr,
+            local_steps=config.train.steps,
+            num_examples=result.num_examples,
+        )
+        started = time.perf_counter()
+        reconstruction = attack.reconstruct(observation, experiment.model)
+        seconds += time.perf_counter() - started
+        metrics = score_reconstruction(reconstruction, truth, experiment.model.tokenizer)
+        scored += 1
+        for key, value in vars(metrics).items():
+            if value is not None:
+                totals[key] = totals.get(key, 0.0) + value
+    means = {key: value / max(scored, 1) for key, value in totals.items()}
+    for key in ("token_precision", "token_recall", "rouge1", "rouge2", "rougeL", "exact_sequence_rate"):
+        means.setdefault(key, float("nan"))
+    return {
+        "batch_size": batch_size,
+        "codec": codec_name,
+        "codec_options": config.federation.codec_options,
+        "attack": attack_name,
+        "epsilon": epsilon,
+        "clients_scored": scored,
+        "seconds_per_batch": seconds / max(scored, 1),
+        **means,
+    }
 
 
 if __name__ == "__main__":

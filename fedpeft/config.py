@@ -239,9 +239,15 @@ class CaptureConfig(_Section):
     """In captured rounds the server sends an adapter crafted for the attack (LoRA A = 0,
     B drawn: the model computes what the base model does, and dL/dA carries the first
     layers' inputs) and leaves the global adapter unchanged after the round."""
+    boost_steps: int = Field(default=0, ge=0)
+    """With ``malicious``: instead of the crafted B, send the adapter fine-tuned for this
+    many steps on synthetic personal notes (ReCIT's memorisation boost, causal LMs;
+    :mod:`fedpeft.attacks.memorisation_boost`). 0: the crafted adapter."""
 
     @model_validator(mode="after")
     def _positive(self) -> CaptureConfig:
+        if self.boost_steps and not self.malicious:
+            raise ValueError("boost_steps is what a malicious server sends: set malicious = true")
         if any(r < 1 for r in self.rounds):
             raise ValueError(f"rounds are numbered from 1, got {self.rounds}")
         if any(c < 0 for c in self.clients):

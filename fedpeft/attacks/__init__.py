@@ -8,6 +8,7 @@ from fedpeft.attacks.gradient_matching import GradientMatching
 from fedpeft.attacks.lm_prior import LmPrior
 from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
 from fedpeft.attacks.observation import Observation, ThreatModel
+from fedpeft.attacks.recit import ReCIT
 from fedpeft.attacks.sequence_assembly import SequenceAssembly
 from fedpeft.attacks.token_set import TokenSet
 
@@ -18,6 +19,7 @@ __all__ = [
     "LeakageMetrics",
     "LmPrior",
     "Observation",
+    "ReCIT",
     "Reconstruction",
     "SequenceAssembly",
     "ThreatModel",

@@ -8,7 +8,7 @@ an attack runs on a saved update alone.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +145,8 @@ class CapturePlan:
         threat_model: What a captured update is (:func:`threat_model_of`).
         learning_rates: Local learning rate per captured round.
         local_steps: Local optimiser steps per round.
+        craft: Makes the adapter a malicious server sends from the global one and a
+            seed (default :func:`malicious_adapter`).
 
     """
 
@@ -155,6 +157,7 @@ class CapturePlan:
     threat_model: ThreatModel
     learning_rates: Mapping[int, float]
     local_steps: int
+    craft: Callable[[Mapping[str, Tensor], int], AdapterState] = malicious_adapter
 
     def crafts(self, server_round: int) -> bool:
         """Whether the server sends a crafted adapter in ``server_round``."""

@@ -43,6 +43,9 @@ def trained_sequences(
     """Token ids (padding removed) of every example the client trained on in the round.
 
     Args:
+        experiment: The run's experiment (its data, partitions and seeds).
+        client_id: The client (its partition in a simulation).
+        server_round: The captured round.
         drawn_batches: Under DP-SGD, the client's record of its batches (partition
             indices); ignored otherwise, where the seeded loader is replayed.
 

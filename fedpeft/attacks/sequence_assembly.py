@@ -94,7 +94,7 @@ class SequenceAssembly:
                 passing = [
                     i
                     for i in torch.nonzero(distances[b] < self.second_layer_threshold).flatten().tolist()
-                    if not _repeats_its_only_token(prefix, int(vocabulary[i]))
+                    if not repeats_its_only_token(prefix, int(vocabulary[i]))
                 ]
                 if not passing and prefix:
                     finished.append((prefix, total / len(prefix)))
@@ -104,12 +104,12 @@ class SequenceAssembly:
             beams = sorted(candidates, key=lambda c: c[1])[: self.beam_width]
         else:
             finished += [(prefix, total / len(prefix)) for prefix, total in beams]
-        sequences = _longest_distinct(finished)
+        sequences = longest_distinct(finished)
         details = dict(tokens.details) | {"second_layer_rank": basis.shape[1]}
         return Reconstruction(tokens.token_ids, tokens.token_scores, tuple(sequences), details)
 
 
-def _repeats_its_only_token(prefix: tuple[int, ...], token: int) -> bool:
+def repeats_its_only_token(prefix: tuple[int, ...], token: int) -> bool:
     """Whether ``prefix`` + ``token`` is one token repeated from the start.
 
     Such a run gives the same state at every position (all values attended to are
@@ -119,7 +119,7 @@ def _repeats_its_only_token(prefix: tuple[int, ...], token: int) -> bool:
     return bool(prefix) and all(t == token for t in prefix)
 
 
-def _longest_distinct(found: list[tuple[tuple[int, ...], float]]) -> list[tuple[int, ...]]:
+def longest_distinct(found: list[tuple[tuple[int, ...], float]]) -> list[tuple[int, ...]]:
     """Best-scored first, without sequences that are a prefix of another one found."""
     keep = []
     for sequence, _ in sorted(found, key=lambda f: f[1]):

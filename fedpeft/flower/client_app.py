@@ -12,11 +12,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedpeft.attacks.drawn_batches import save_drawn_batches
 from fedpeft.client import run_client_round
 from fedpeft.config import Config, parse_config
 from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
-from fedpeft.attacks.drawn_batches import save_drawn_batches
 from fedpeft.flower.client_state import load_client_state, save_client_state
 from fedpeft.flower.fault_injection import inject_faults
 from fedpeft.flower.records import (

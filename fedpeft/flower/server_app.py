@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 import fedpeft
-from fedpeft.attacks.capture import CapturePlan, threat_model_of
+from fedpeft.attacks.capture import CapturePlan, malicious_adapter, threat_model_of
 from fedpeft.checkpoint import RoundCheckpoint, check_run_folder, save_checkpoint
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
@@ -31,7 +31,7 @@ from fedpeft.flower.run_config import (
 )
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic
-from fedpeft.models import base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
+from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
 from fedpeft.training import EvalResult, evaluate
 
@@ -276,7 +276,21 @@ def capture_plan(config: Config, experiment: Experiment, folder: Path) -> Captur
         threat_model=threat_model_of(config.train, capture.malicious),
         learning_rates={r: experiment.train_config_for(r).lr for r in capture.rounds},
         local_steps=config.train.steps,
+        craft=boosted_crafter(experiment, capture.boost_steps) if capture.boost_steps else malicious_adapter,
     )
+
+
+def boosted_crafter(
+    experiment: Experiment, steps: int
+) -> Callable[[Mapping[str, Tensor], int], AdapterState]:
+    """ReCIT's malicious server: the global adapter fine-tuned on synthetic personal notes."""
+
+    def craft(global_state: Mapping[str, Tensor], seed: int) -> AdapterState:
+        from fedpeft.attacks.memorisation_boost import boost_adapter
+
+        return boost_adapter(experiment.model, global_state, steps, seed, device=experiment.device)
+
+    return craft
 
 
 def num_nodes(grid: Grid) -> int:

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
-from fedpeft.attacks.capture import CapturePlan, malicious_adapter
+from fedpeft.attacks.capture import CapturePlan
 from fedpeft.codecs import CodecContext, UpdateCodec
 from fedpeft.config import ClientPrivacyConfig, FederationConfig
 from fedpeft.errors import PayloadError
@@ -111,7 +111,7 @@ class AdapterStrategy(Strategy):
         if self.capture is not None and self.capture.crafts(server_round):
             # A malicious server: every sampled client gets the crafted adapter, and
             # decodes and captures are relative to it.
-            self._global = malicious_adapter(self._global, seed=self.run_seed * 7_919 + server_round)
+            self._global = self.capture.craft(self._global, self.run_seed * 7_919 + server_round)
             arrays = state_to_record(self._global)
         self.traffic = RoundTraffic()
         round_config = ConfigRecord({**config, "server-round": server_round, "run-key": self.run_key})

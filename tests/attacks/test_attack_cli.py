@@ -114,3 +114,26 @@ def test_a_dp_capture_is_scored_against_the_clients_own_record(
     # Per-example clipping rescales the gradient and keeps its spans; noise this small
     # leaves them intact, so the sentence is recovered as without DP.
     assert outcome["metrics"]["token_recall"] == 1.0
+
+
+def test_recit_inverts_what_clients_send_to_a_boosting_server(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = attack_config(tiny_llama_dir, sentiment_files)
+    config["capture"]["boost_steps"] = 5
+    config["attack"]["name"] = "recit"
+    path = tmp_path / "attack.toml"
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
+    # The boosted adapter's B is not zero, so A's gradient carries the inputs without
+    # the crafted-B trick: the sentence is filtered and paired as from a crafted round.
+    assert outcome["metrics"]["token_recall"] == 1.0
+    assert outcome["metrics"]["rougeL"] == pytest.approx(1.0)

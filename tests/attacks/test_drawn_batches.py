@@ -16,7 +16,9 @@ from fedpeft.privacy import PrivacyLedger
 from tests.conftest import tiny_config
 
 
-def test_a_dp_round_reports_the_batches_it_drew(tiny_bert_dir: Path, sentiment_files: dict[str, Path]) -> None:
+def test_a_dp_round_reports_the_batches_it_drew(
+    tiny_bert_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
     data = tiny_config(tiny_bert_dir, sentiment_files)
     data["train"] = {"steps": 4, "batch_size": 4, "lr": 5e-3}
     data["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1.0}}

@@ -15,7 +15,6 @@ from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, adapter_state, build_model, load_adapter_state, state_delta
 from fedpeft.training import make_loader, tokenize, train_local
-from tests.conftest import save_tiny_bert
 
 SENTENCES = ["the quiet river runs past old mills", "a bright comet crossed the northern sky tonight"]
 
@@ -55,29 +54,6 @@ def no_dropout(loaded: LoadedModel) -> LoadedModel:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return loaded
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
-    """A 2-layer BERT classifier initialised 10x wider than BERT's default.
-
-    A classifier's loss reaches the first layer's positions other than [CLS] only
-    through the second layer (with one layer, every projection's gradient is rank 1:
-    [CLS]'s attention mixes the inputs before the loss sees them). At BERT's default
-    init of std 0.02 that route carries 1e-7 of the gradient, float32's noise floor,
-    where a pretrained model carries plenty; std 0.2 restores it.
-    """
-    return save_tiny_bert(
-        tmp_path_factory.mktemp("encoder"), minilm_tokenizer_dir, hidden_size=48, initializer_range=0.2
-    )
-
-
-@pytest.fixture()
-def tiny_bert(encoder_dir: Path) -> LoadedModel:
-    adapter = AdapterConfig(
-        method="lora", r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value"]
-    )  # type: ignore[call-arg]
-    return no_dropout(build_model(ModelConfig(name_or_path=str(encoder_dir)), adapter, num_labels=2))
 
 
 def test_decoder_batch_of_one_is_recovered_exactly(tiny_llama: LoadedModel) -> None:

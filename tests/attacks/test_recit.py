@@ -1,0 +1,158 @@
+"""ReCIT: the statistical token filter, token pairing, and the memorisation boost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.attacks import ATTACKS, score_reconstruction
+from fedpeft.attacks.memorisation_boost import boost_adapter, pnote_dataset
+from fedpeft.attacks.recit import robust_z
+from fedpeft.config import AdapterConfig, ModelConfig, parse_config
+from fedpeft.errors import AttackError, ConfigError
+from fedpeft.models import LoadedModel, adapter_state, build_model
+from tests.attacks.test_token_set import (
+    SENTENCES,
+    dp_sgd_observation,
+    fedsgd_observation,
+    malicious_global_state,
+    no_dropout,
+)
+
+
+def recit(**options: object):
+    return ATTACKS.build("recit", dict(options), "attack.options")
+
+
+def test_robust_z_ignores_the_outliers_it_is_meant_to_find() -> None:
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, -100.0])
+    # median 3, MAD 2: the outlier does not widen the spread it is measured by.
+    assert robust_z(values)[-1] == pytest.approx((-100 - 3) / (1.4826 * 2))
+
+
+def test_a_decoder_batch_of_one_is_filtered_and_paired_exactly(tiny_llama: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_llama, malicious_global_state(tiny_llama), SENTENCES[:1], "causal-lm"
+    )
+    result = recit().reconstruct(observation, tiny_llama)
+    special = set(tiny_llama.tokenizer.all_special_ids)
+    assert set(result.token_ids) == set(truth[0][:-1]) - special
+    assert result.sequences[0] == tuple(truth[0][:-1])
+    metrics = score_reconstruction(result, truth, tiny_llama.tokenizer)
+    assert metrics.token_precision == 1.0 and metrics.rougeL == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
+    """A 2-layer Llama 256 wide: a statistical filter needs room (in 32 dimensions a
+    random token lies near any small span by chance)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def test_past_the_rank_the_filter_keeps_what_an_exact_span_test_loses(wide_llama_dir: Path) -> None:
+    # r = 2 on q and v: a stacked rank of 4 against the ~15 distinct tokens of two sentences.
+    adapter = AdapterConfig(method="lora", r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])  # type: ignore[call-arg]
+    loaded = no_dropout(build_model(ModelConfig(name_or_path=str(wide_llama_dir), task="causal-lm"), adapter))
+    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), SENTENCES, "causal-lm")
+    exact = ATTACKS.build("token_set", {}, "x").reconstruct(observation, loaded)
+    filtered = recit().reconstruct(observation, loaded)
+    assert filtered.details["saturated"] == 1
+    special = set(loaded.tokenizer.all_special_ids)
+    true = {t for sequence in truth for t in sequence[:-1]} - special
+    assert len(set(filtered.token_ids) & true) > len(set(exact.token_ids) & true)
+    # The filter ranks: among its len(true) closest tokens most were in the batch
+    # (chance: len(true) of a 30k vocabulary).
+    top = filtered.token_ids[: len(true)]
+    assert len(set(top) & true) >= len(true) // 2
+
+
+def test_an_encoder_batch_of_one_is_read_position_by_position(tiny_bert: LoadedModel) -> None:
+    observation, truth = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    result = recit().reconstruct(observation, tiny_bert)
+    special = set(tiny_bert.tokenizer.all_special_ids)
+    assert set(result.token_ids) == set(truth[0]) - special
+    metrics = score_reconstruction(result, truth, tiny_bert.tokenizer)
+    assert metrics.rougeL == pytest.approx(1.0)
+
+
+def test_dp_sgd_noise_defeats_the_filter(tiny_llama: LoadedModel) -> None:
+    state = malicious_global_state(tiny_llama)
+    clean, truth = dp_sgd_observation(tiny_llama, state, 0.0, 1e6)
+    assert (
+        score_reconstruction(recit().reconstruct(clean, tiny_llama), truth, tiny_llama.tokenizer).token_recall
+        == 1.0
+    )
+    recalls = []
+    for _ in range(3):  # OS-seeded noise: a statistical claim over 3 draws
+        noisy, truth = dp_sgd_observation(tiny_llama, state, 1.0, 1.0)
+        result = recit().reconstruct(noisy, tiny_llama)
+        recalls.append(score_reconstruction(result, truth, tiny_llama.tokenizer).token_recall)
+    assert sum(recalls) / 3 < 0.3
+
+
+def test_bad_options_are_named() -> None:
+    with pytest.raises(ConfigError, match="pairing_ratio"):
+        recit(pairing_ratio=1.5)
+    with pytest.raises(ConfigError, match="filter_z"):
+        recit(filter_z=0)
+
+
+def causal_lm_loss(loaded: LoadedModel, texts: list[str]) -> float:
+    """The model's own mean next-token loss over ``texts``."""
+    loaded.model.eval()
+    with torch.no_grad():
+        losses = [
+            float(loaded.model(input_ids=ids, labels=ids).loss)
+            for ids in (loaded.tokenizer(text, return_tensors="pt")["input_ids"] for text in texts)
+        ]
+    return sum(losses) / len(losses)
+
+
+def test_the_boost_teaches_the_note_format(tiny_llama: LoadedModel) -> None:
+    from fedpeft.attacks.pii import make_pii_records
+
+    held_out = [f"{r.text} {r.note}" for r in make_pii_records(8, seed=99)]
+    initial = adapter_state(tiny_llama.model)
+    before = causal_lm_loss(tiny_llama, held_out)
+    boosted = boost_adapter(tiny_llama, initial, steps=30, seed=0, records=64, lr=1e-2)
+    after = causal_lm_loss(tiny_llama, held_out)
+    assert after < before - 0.05
+    assert any(not torch.equal(boosted[k], initial[k]) for k in initial if ".lora_B." in k)
+
+
+def test_the_boost_needs_a_causal_lm(tiny_bert: LoadedModel) -> None:
+    with pytest.raises(AttackError, match="causal language model"):
+        boost_adapter(tiny_bert, adapter_state(tiny_bert.model), steps=1, seed=0)
+
+
+def test_pnote_samples_restate_each_secret() -> None:
+    samples = pnote_dataset(4, seed=0)
+    assert len(samples) == 6
+    assert all(sample.count("'s ") >= 1 for sample in samples)
+
+
+def test_boost_steps_need_a_malicious_server(tiny_config_data: dict) -> None:
+    tiny_config_data["capture"] = {"rounds": [1], "boost_steps": 10}
+    with pytest.raises(Exception, match="malicious = true"):
+        parse_config(tiny_config_data)

@@ -92,7 +92,7 @@ def test_a_dp_capture_is_scored_against_the_clients_own_record(
     config = attack_config(tiny_llama_dir, sentiment_files)
     # One example per client and batch 1: Poisson rate 1, so the batch is never empty.
     config["data"]["max_train_examples"] = 2
-    config["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1e-4, "max_grad_norm": 1.0}}
+    config["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1e-7, "max_grad_norm": 1.0}}
     path = tmp_path / "attack.toml"
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
     out = tmp_path / "run"
@@ -112,7 +112,8 @@ def test_a_dp_capture_is_scored_against_the_clients_own_record(
     [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
     assert outcome["batch_size"] == 1
     # Per-example clipping rescales the gradient and keeps its spans; noise this small
-    # leaves them intact, so the sentence is recovered as without DP.
+    # leaves them intact, so the sentence is recovered as without DP. (At sigma 1e-4 the
+    # tiny model's weakest tokens already drift out of the span: recall 0.67 to 1.0.)
     assert outcome["metrics"]["token_recall"] == 1.0
 
 

@@ -10,11 +10,14 @@ nothing. ReCIT's answer, as implemented here:
 
 1. **Filter.** While the gradient has rank to spare (fewer distinct inputs than the
    stacked rank) the span is exact and DAGER's fixed threshold decides. Once the rank
-   is saturated, every vocabulary token's distance to the span of the first layer's A
-   gradients is turned into a robust z-score against the whole vocabulary (median and
-   MAD: nearly every token is absent, so the vocabulary is its own null distribution).
-   Tokens more than ``filter_z`` deviations closer than chance pass. The filter adapts
-   to the gradient's rank instead of assuming the span is exact.
+   is saturated, a simultaneous pursuit over the vocabulary
+   (:mod:`fedpeft.attacks.pursuit`) looks for the few tokens whose inputs make up
+   every gradient row exactly: identifiable up to about a third of the input width
+   (576 for SmolLM2), not the rank, so a batch of 16 sentences is read whole. If no
+   exact fit exists (DP noise, lossy codecs, too many tokens), every vocabulary
+   token's span distance becomes a robust z-score against the whole vocabulary
+   (median and MAD: nearly every token is absent, so the vocabulary is its own null
+   distribution), and tokens more than ``filter_z`` deviations closer than chance pass.
 2. **Pairing.** Sentences are grown from the tokens that pass, one position at a time:
    the second layer's input at the new position (a function of the prefix) is scored
    against the second layer's A gradients, relative to the step's other extensions
@@ -29,7 +32,11 @@ nothing. ReCIT's answer, as implemented here:
 Notes:
     Interpreted from the paper's abstract and descriptions (its method section was not
     available): the z-score filter, the per-start beams and their scoring are this
-    implementation's reading of "filter-based token extraction" and "token pairing".
+    implementation's reading of "filter-based token extraction" and "token pairing";
+    the pursuit is fedpeft's own. Past the second layer's rank the pairing is
+    approximate: a pursuit over prefixes does not work there, because the second
+    layer's input is dominated by its own token, so a wrong prefix ending in the same
+    token explains nearly as much as the true one.
     Rotary decoders get the whole pipeline; encoders get the filter per position, and
     the best token of each position as their sequence.
 
@@ -43,6 +50,7 @@ from torch import Tensor
 from fedpeft.attacks.base import ATTACKS, Reconstruction
 from fedpeft.attacks.first_layer import FirstLayer, first_layer_of
 from fedpeft.attacks.observation import Observation
+from fedpeft.attacks.pursuit import simultaneous_pursuit
 from fedpeft.attacks.second_layer import SecondLayer, second_layer_of
 from fedpeft.attacks.sequence_assembly import longest_distinct, repeats_its_only_token
 from fedpeft.attacks.span import distance_to_span, row_span_basis
@@ -81,6 +89,12 @@ class ReCIT:
         max_starts: Most start tokens searched from.
         rank_tolerance: Relative singular-value cut-off of both spans.
         max_positions: Positions scanned for absolute-position encoders.
+        min_weight: Past the rank, an atom of an exact pursuit fit whose weight is below
+            this fraction of the largest was not needed (wrong picks sit near 1e-7,
+            the rarest true tokens near 1e-3).
+        max_pairing_tokens: Past this many filtered tokens the pairing is skipped and
+            the token set returned alone: each step scores every beam x token prefix
+            with the whole model (a batch of 16 has ~160 tokens).
 
     """
 
@@ -96,6 +110,8 @@ class ReCIT:
         max_starts: int = 32,
         rank_tolerance: float = 1e-5,
         max_positions: int = 64,
+        min_weight: float = 1e-5,
+        max_pairing_tokens: int = 64,
     ) -> None:
         if not 0 < exact_threshold < 1:
             raise ValueError(f"exact_threshold must be in (0, 1), got {exact_threshold}")
@@ -103,10 +119,13 @@ class ReCIT:
             raise ValueError(f"filter_z must be > 0, got {filter_z}")
         if not 0 < pairing_ratio < 1:
             raise ValueError(f"pairing_ratio must be in (0, 1), got {pairing_ratio}")
-        if min(beam_width, max_length, max_candidates, max_starts, max_positions) < 1:
+        if min(beam_width, max_length, max_candidates, max_starts, max_positions, max_pairing_tokens) < 1:
             raise ValueError(
-                "beam_width, max_length, max_candidates, max_starts and max_positions must be >= 1"
+                "beam_width, max_length, max_candidates, max_starts, max_positions and "
+                "max_pairing_tokens must be >= 1"
             )
+        if not 0 < min_weight < 1:
+            raise ValueError(f"min_weight must be in (0, 1), got {min_weight}")
         if lm_weight < 0:
             raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
         self.exact_threshold = exact_threshold
@@ -119,6 +138,8 @@ class ReCIT:
         self.max_starts = max_starts
         self.rank_tolerance = rank_tolerance
         self.max_positions = max_positions
+        self.min_weight = min_weight
+        self.max_pairing_tokens = max_pairing_tokens
 
     def reconstruct(self, observation: Observation, target: LoadedModel) -> Reconstruction:
         """Filtered tokens, and for rotary decoders the sentences they pair into."""
@@ -140,16 +161,18 @@ class ReCIT:
         details["saturated"] = int(saturated)
         if first.positions == "absolute":
             return self._encoder(first, basis, saturated, special, details)
-        distances = distance_to_span(basis, first.candidates())
-        z = robust_z(distances)
         # Special tokens ([CLS], BOS) can start a sentence: the pairing needs them, the
         # reported token set (scored as the batch's words) does not.
-        passed = self._select(distances, z, saturated)
+        rows = torch.cat([gradients[name] for name in first.lora_a_names])
+        passed, scores_of = self._filter(first.candidates(), basis, rows, saturated, details)
         tokens = [t for t in passed if t not in special]
         details["filtered"] = len(tokens)
         if not tokens:
             return Reconstruction((), (), (), details)
-        scores = tuple(float(z[t]) for t in tokens)
+        scores = tuple(scores_of[t] for t in tokens)
+        if len(passed) > self.max_pairing_tokens:
+            details["note"] = f"no pairing: {len(passed)} tokens > max_pairing_tokens"
+            return Reconstruction(tuple(tokens), scores, (), details)
         try:
             second = second_layer_of(target.model)
         except AttackError as err:
@@ -161,6 +184,30 @@ class ReCIT:
         details["second_layer_rank"] = basis2.shape[1]
         sequences = self._pair(second, basis2, passed)
         return Reconstruction(tuple(tokens), scores, tuple(sequences), details)
+
+    def _filter(
+        self, candidates: Tensor, basis: Tensor, rows: Tensor, saturated: bool, details: dict
+    ) -> tuple[list[int], dict[int, float]]:
+        """The tokens of the batch, best first, and a score for each (lower is surer).
+
+        With rank to spare, DAGER's span test is exact. Past it, a pursuit that fits
+        the rows exactly is too (weights as scores); one that cannot (noise, lossy
+        codecs, more tokens than the width resolves) leaves the statistical z filter.
+        """
+        distances = distance_to_span(basis, candidates)
+        z = robust_z(distances)
+        if saturated:
+            # Half the input width: past it greedy picks go wrong even on exact rows.
+            fit = simultaneous_pursuit(rows, candidates, max_atoms=max(1, rows.shape[1] // 2))
+            details["pursuit_residual"] = fit.relative_residual
+            if fit.converged:
+                details["filter"] = "pursuit"
+                weight = dict(zip(fit.atoms.tolist(), fit.weights.tolist(), strict=True))
+                passed = fit.support(self.min_weight)[: self.max_candidates]
+                return passed, {t: -weight[t] for t in passed}
+        details["filter"] = "z_score" if saturated else "span"
+        passed = self._select(distances, z, saturated)
+        return passed, {t: float(z[t]) for t in passed}
 
     def _select(self, distances: Tensor, z: Tensor, saturated: bool) -> list[int]:
         """The filter: closest first, at most ``max_candidates``.

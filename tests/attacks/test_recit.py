@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -68,19 +69,36 @@ def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_di
     return folder
 
 
-def test_past_the_rank_the_filter_keeps_what_an_exact_span_test_loses(wide_llama_dir: Path) -> None:
+def test_past_the_rank_the_pursuit_reads_the_tokens_an_exact_span_test_loses(wide_llama_dir: Path) -> None:
     # r = 2 on q and v: a stacked rank of 4 against the ~15 distinct tokens of two sentences.
     adapter = AdapterConfig(method="lora", r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])  # type: ignore[call-arg]
     loaded = no_dropout(build_model(ModelConfig(name_or_path=str(wide_llama_dir), task="causal-lm"), adapter))
     observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), SENTENCES, "causal-lm")
     exact = ATTACKS.build("token_set", {}, "x").reconstruct(observation, loaded)
-    filtered = recit().reconstruct(observation, loaded)
-    assert filtered.details["saturated"] == 1
     special = set(loaded.tokenizer.all_special_ids)
     true = {t for sequence in truth for t in sequence[:-1]} - special
-    assert len(set(filtered.token_ids) & true) > len(set(exact.token_ids) & true)
-    # The filter ranks: among its len(true) closest tokens most were in the batch
-    # (chance: len(true) of a 30k vocabulary).
+    assert len(set(exact.token_ids) & true) < len(true) // 2  # the rank limit bites
+    filtered = recit().reconstruct(observation, loaded)
+    assert (filtered.details["saturated"], filtered.details["filter"]) == (1, "pursuit")
+    assert filtered.details["pursuit_residual"] < 1e-5
+    assert set(filtered.token_ids) == true
+
+
+def test_past_the_rank_without_an_exact_fit_the_z_filter_still_ranks(wide_llama_dir: Path) -> None:
+    adapter = AdapterConfig(method="lora", r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])  # type: ignore[call-arg]
+    loaded = no_dropout(build_model(ModelConfig(name_or_path=str(wide_llama_dir), task="causal-lm"), adapter))
+    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), SENTENCES, "causal-lm")
+    # Noise of 1 % of each gradient's scale: no sparse combination fits it exactly.
+    generator = torch.Generator().manual_seed(0)
+    noisy = {
+        name: value + 0.01 * value.abs().mean() * torch.randn(value.shape, generator=generator)
+        for name, value in observation.update.items()
+    }
+    filtered = recit().reconstruct(dataclasses.replace(observation, update=noisy), loaded)
+    assert filtered.details["filter"] == "z_score"
+    special = set(loaded.tokenizer.all_special_ids)
+    true = {t for sequence in truth for t in sequence[:-1]} - special
+    # Among its len(true) closest tokens most were in the batch (chance: len(true) of 30k).
     top = filtered.token_ids[: len(true)]
     assert len(set(top) & true) >= len(true) // 2
 

@@ -67,21 +67,19 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_tokenizer_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
-    """A 2-layer Llama causal LM saved with save_pretrained (random weights)."""
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama causal LM of ``hidden_size`` (random weights, seed 0) in ``folder``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=2 if hidden_size <= 32 else 4,
+        num_key_value_heads=2 if hidden_size <= 32 else 4,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -89,6 +87,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_di
     LlamaForCausalLM(config).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
+    """A 2-layer Llama causal LM 32 wide saved with save_pretrained (random weights)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), minilm_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from fedpeft.attacks.observation import Observation
+from fedpeft.attacks.span import row_span_basis
 from fedpeft.errors import AttackError
 
 PositionKind = Literal["rotary", "absolute"]
@@ -119,3 +121,58 @@ def first_layer_of(model: nn.Module) -> FirstLayer:
             "(adapter.target_modules), so no gradient holds the layer's inputs"
         )
     return FirstLayer(kind, lora_a_names, max_positions, candidates)
+
+
+@dataclass(frozen=True)
+class ObservedFirstLayer:
+    """The first layer, and what one observation shows of it.
+
+    Attributes:
+        layer: Where the first layer's inputs show (:func:`first_layer_of`).
+        gradients: The observation's gradient estimate, every adapter tensor.
+        basis: ``(d, rank)`` orthonormal basis of the first layer's A gradient rows.
+
+    """
+
+    layer: FirstLayer
+    gradients: dict[str, Tensor]
+    basis: Tensor
+
+    @property
+    def rows(self) -> Tensor:
+        """The first layer's A gradients stacked: ``(sum of ranks, d)``."""
+        return torch.cat([self.gradients[name] for name in self.layer.lora_a_names])
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the span has as many dimensions as rows: more inputs than rank, maybe."""
+        return self.basis.shape[1] >= self.rows.shape[0]
+
+    def details(self) -> dict[str, float | int | str]:
+        """What every first-layer attack reports; with a note when the gradient is zero."""
+        details: dict[str, float | int | str] = {
+            "gradient_rank": self.basis.shape[1],
+            "positions": self.layer.positions,
+        }
+        if self.basis.shape[1] == 0:
+            details["note"] = "the first layer's LoRA A gradient is zero (LoRA B = 0?)"
+        return details
+
+
+def observe_first_layer(
+    observation: Observation, model: nn.Module, rank_tolerance: float
+) -> ObservedFirstLayer:
+    """Locate the first layer of ``model`` and take the span of its A gradients.
+
+    Raises:
+        AttackError: The architecture is unsupported, or the observed update lacks the
+            first layer's LoRA A (a codec or config that does not send it).
+
+    """
+    layer = first_layer_of(model)
+    missing = [name for name in layer.lora_a_names if name not in observation.update]
+    if missing:
+        raise AttackError(f"the observed update lacks the first layer's LoRA A: {missing[:2]}")
+    gradients = observation.gradient_estimate()
+    basis = row_span_basis([gradients[name] for name in layer.lora_a_names], rank_tolerance)
+    return ObservedFirstLayer(layer, gradients, basis)

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from fedpeft.attacks.base import ATTACKS, Reconstruction
-from fedpeft.attacks.first_layer import FirstLayer, first_layer_of
+from fedpeft.attacks.first_layer import FirstLayer, observe_first_layer
 from fedpeft.attacks.observation import Observation
 from fedpeft.attacks.pursuit import simultaneous_pursuit
 from fedpeft.attacks.second_layer import SecondLayer, second_layer_of
@@ -143,28 +143,18 @@ class ReCIT:
 
     def reconstruct(self, observation: Observation, target: LoadedModel) -> Reconstruction:
         """Filtered tokens, and for rotary decoders the sentences they pair into."""
-        first = first_layer_of(target.model)
-        missing = [name for name in first.lora_a_names if name not in observation.update]
-        if missing:
-            raise AttackError(f"the observed update lacks the first layer's LoRA A: {missing[:2]}")
-        gradients = observation.gradient_estimate()
-        basis = row_span_basis([gradients[name] for name in first.lora_a_names], self.rank_tolerance)
-        details: dict[str, float | int | str] = {
-            "gradient_rank": basis.shape[1],
-            "positions": first.positions,
-        }
+        seen = observe_first_layer(observation, target.model, self.rank_tolerance)
+        first, basis, gradients, details = seen.layer, seen.basis, seen.gradients, seen.details()
         if basis.shape[1] == 0:
-            details["note"] = "the first layer's LoRA A gradient is zero (LoRA B = 0?)"
             return Reconstruction((), (), (), details)
         special = set(target.tokenizer.all_special_ids)
-        saturated = basis.shape[1] >= sum(gradients[name].shape[0] for name in first.lora_a_names)
+        saturated = seen.saturated
         details["saturated"] = int(saturated)
         if first.positions == "absolute":
             return self._encoder(first, basis, saturated, special, details)
         # Special tokens ([CLS], BOS) can start a sentence: the pairing needs them, the
         # reported token set (scored as the batch's words) does not.
-        rows = torch.cat([gradients[name] for name in first.lora_a_names])
-        passed, scores_of = self._filter(first.candidates(), basis, rows, saturated, details)
+        passed, scores_of = self._filter(first.candidates(), basis, seen.rows, saturated, details)
         tokens = [t for t in passed if t not in special]
         details["filtered"] = len(tokens)
         if not tokens:

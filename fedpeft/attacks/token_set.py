@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 
 from fedpeft.attacks.base import ATTACKS, Reconstruction
-from fedpeft.attacks.first_layer import first_layer_of
+from fedpeft.attacks.first_layer import observe_first_layer
 from fedpeft.attacks.observation import Observation
-from fedpeft.attacks.span import distance_to_span, row_span_basis
-from fedpeft.errors import AttackError
+from fedpeft.attacks.span import distance_to_span
 from fedpeft.models import LoadedModel
 
 
@@ -54,18 +53,9 @@ class TokenSet:
 
     def reconstruct(self, observation: Observation, target: LoadedModel) -> Reconstruction:
         """Tokens whose first-layer input lies in the span of the observed A gradients."""
-        first = first_layer_of(target.model)
-        missing = [name for name in first.lora_a_names if name not in observation.update]
-        if missing:
-            raise AttackError(f"the observed update lacks the first layer's LoRA A: {missing[:2]}")
-        gradients = observation.gradient_estimate()
-        basis = row_span_basis([gradients[name] for name in first.lora_a_names], self.rank_tolerance)
-        details: dict[str, float | int | str] = {
-            "gradient_rank": basis.shape[1],
-            "positions": first.positions,
-        }
+        seen = observe_first_layer(observation, target.model, self.rank_tolerance)
+        first, basis, details = seen.layer, seen.basis, seen.details()
         if basis.shape[1] == 0:
-            details["note"] = "the first layer's LoRA A gradient is zero (LoRA B = 0?)"
             return Reconstruction((), (), (), details)
         if first.positions == "rotary":
             distances = distance_to_span(basis, first.candidates())

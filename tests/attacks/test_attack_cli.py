@@ -38,20 +38,28 @@ def attack_config(tiny_llama_dir: Path, sentiment_files: dict[str, Path]) -> dic
     }
 
 
-def test_malicious_fedsgd_capture_is_inverted(
-    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
-) -> None:
-    config = attack_config(tiny_llama_dir, sentiment_files)
-    path = tmp_path / "attack.toml"
+def run_attack(
+    config: dict, folder: Path, out_name: str = "run", extra: tuple[str, ...] = ()
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``fedpeft attack`` on ``config`` (written to ``folder``) into ``folder/out_name``; fails loudly."""
+    path = folder / "attack.toml"
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    out = tmp_path / "run"
+    out = folder / out_name
     proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
+        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_malicious_fedsgd_capture_is_inverted(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = attack_config(tiny_llama_dir, sentiment_files)
+    out, proc = run_attack(config, tmp_path)
     assert sorted(p.name for p in (out / "captures").iterdir()) == ["round-0002-client-0001.safetensors"]
     report = json.loads((out / "attack.json").read_text())
     [outcome] = report["outcomes"]
@@ -65,24 +73,7 @@ def test_malicious_fedsgd_capture_is_inverted(
     assert metrics["rounds"][1]["loss"] == pytest.approx(metrics["rounds"][0]["loss"])
 
     # Attacking saved captures again needs no federation.
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedpeft.cli",
-            "attack",
-            "--config",
-            str(path),
-            "--out",
-            str(tmp_path / "again"),
-            "--captures",
-            str(out / "captures"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
+    _, again = run_attack(config, tmp_path, "again", ("--captures", str(out / "captures")))
     assert "partitions" not in again.stdout
 
 
@@ -93,16 +84,7 @@ def test_a_dp_capture_is_scored_against_the_clients_own_record(
     # One example per client and batch 1: Poisson rate 1, so the batch is never empty.
     config["data"]["max_train_examples"] = 2
     config["privacy"] = {"example": {"enabled": True, "noise_multiplier": 1e-7, "max_grad_norm": 1.0}}
-    path = tmp_path / "attack.toml"
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, _ = run_attack(config, tmp_path)
     assert sorted(p.name for p in (out / "captures").iterdir()) == [
         "round-0002-client-0001.batches.json",
         "round-0002-client-0001.safetensors",
@@ -123,16 +105,7 @@ def test_recit_inverts_what_clients_send_to_a_boosting_server(
     config = attack_config(tiny_llama_dir, sentiment_files)
     config["capture"]["boost_steps"] = 5
     config["attack"]["name"] = "recit"
-    path = tmp_path / "attack.toml"
-    path.write_text(tomli_w.dumps(config), encoding="utf-8")
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", "attack", "--config", str(path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, _ = run_attack(config, tmp_path)
     [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
     # The boosted adapter's B is not zero, so A's gradient carries the inputs without
     # the crafted-B trick: the sentence is filtered and paired as from a crafted round.

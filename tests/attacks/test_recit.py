@@ -21,6 +21,7 @@ from tests.attacks.test_token_set import (
     malicious_global_state,
     no_dropout,
 )
+from tests.conftest import save_tiny_llama
 
 
 def recit(**options: object):
@@ -49,24 +50,7 @@ def test_a_decoder_batch_of_one_is_filtered_and_paired_exactly(tiny_llama: Loade
 def wide_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
     """A 2-layer Llama 256 wide: a statistical filter needs room (in 32 dimensions a
     random token lies near any small span by chance)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("wide-llama")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir))
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), minilm_tokenizer_dir, hidden_size=256)
 
 
 def test_past_the_rank_the_pursuit_reads_the_tokens_an_exact_span_test_loses(wide_llama_dir: Path) -> None:

@@ -12,6 +12,13 @@ no-gradient baseline.
 
 DP rows (``eps8``, ``eps1``: the client's example-level target over the round) are
 scored against the client's own record of its Poisson batches.
+
+``--pii`` plants a synthetic person's message with a secret (phone number, e-mail,
+account number: :mod:`fedpeft.attacks.pii`) in front of every training text, and
+scores the secrets of each batch as recovered when they appear verbatim in the attack's
+sentences (the PII column).
+
+    python benchmarks/attacks.py --pii --batch-sizes 1,2,4 --codecs dense --out runs/bench/attacks-pii.json
 """
 
 from __future__ import annotations
@@ -29,9 +36,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
 from fedpeft.attacks.capture import malicious_adapter, threat_model_of
 from fedpeft.attacks.evaluation import trained_sequences
+from fedpeft.attacks.metrics import secrets_found
+from fedpeft.attacks.pii import PiiRecord, make_pii_records, plant_pii
 from fedpeft.client import run_client_round
 from fedpeft.codecs import CodecContext
-from fedpeft.config import load_config
+from fedpeft.config import Config, load_config
+from fedpeft.data.loading import resolve_data_path
 from fedpeft.experiment import Experiment
 from fedpeft.privacy import PrivacyLedger
 
@@ -59,13 +69,15 @@ def main() -> None:
     parser.add_argument("--attacks", default="sequence_assembly,recit", help="comma-separated attack names")
     parser.add_argument("--privacy", default=",".join(PRIVACY_BY_NAME), help="none, eps8, eps1")
     parser.add_argument("--clients", type=int, default=2, help="clients (batches) per row")
+    parser.add_argument("--pii", action="store_true", help="plant a secret in every training text")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/attacks.json")
     args = parser.parse_args()
+    args.records = plant_train_file(args) if args.pii else []
 
     rows: list[dict[str, Any]] = []
     header = (
         f"{'batch':>5} {'privacy':<7} {'codec':<12} {'attack':<18} {'tok P':>6} {'tok R':>6} "
-        f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'s/batch':>8}"
+        f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -82,12 +94,16 @@ def main() -> None:
                     print(
                         f"{batch_size:>5} {privacy_name:<7} {codec_name:<12} {attack_name:<18} "
                         f"{row['token_precision']:>6.3f} {row['token_recall']:>6.3f} {row['rouge1']:>6.3f} "
-                        f"{row['rouge2']:>6.3f} {row['rougeL']:>6.3f} {row['seconds_per_batch']:>8.1f}",
+                        f"{row['rouge2']:>6.3f} {row['rougeL']:>6.3f} {row['pii_recovery_rate']:>6.3f} "
+                        f"{row['seconds_per_batch']:>8.1f}",
                         flush=True,
                     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps({"config": str(args.config), "clients_per_row": args.clients, "rows": rows}, indent=2)
+        json.dumps(
+            {"config": str(args.config), "clients_per_row": args.clients, "pii": args.pii, "rows": rows},
+            indent=2,
+        )
     )
     print(f"wrote {args.out}")
 
@@ -104,8 +120,10 @@ def measure_row(
     ]
     if target is not None:
         overrides += ["privacy.example.enabled=true", f"privacy.example.target_epsilon={target}"]
+    if args.records:  # the messages are ~35 tokens before the sentence: room for both
+        overrides += [f"data.train={args.planted_file}", "data.max_length=64"]
     config = load_config(args.config, overrides)
-    experiment = Experiment.cached(config)
+    experiment = latest_experiment(config)
     malicious = config.capture.malicious
     initial = experiment.initial_state
     sent = malicious_adapter(initial, seed=config.seed) if malicious else dict(initial)
@@ -114,6 +132,7 @@ def measure_row(
     )
     attack = ATTACKS.build(attack_name, attack_options, "attack.options")
     totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     seconds, scored, epsilon = 0.0, 0, None
     for client_id in range(args.clients):
         result = run_client_round(experiment, client_id, sent, 1, memory={}, ledger=PrivacyLedger())
@@ -133,13 +152,20 @@ def measure_row(
         started = time.perf_counter()
         reconstruction = attack.reconstruct(observation, experiment.model)
         seconds += time.perf_counter() - started
-        metrics = score_reconstruction(reconstruction, truth, experiment.model.tokenizer)
+        tokenizer = experiment.model.tokenizer
+        secrets = secrets_found(
+            [str(tokenizer.decode(s, skip_special_tokens=True)) for s in truth],
+            [r.secret for r in args.records],
+        )
+        metrics = score_reconstruction(reconstruction, truth, tokenizer, secrets)
         scored += 1
         for key, value in vars(metrics).items():
-            if value is not None:
+            if value is not None:  # PII only where the batch held a secret
                 totals[key] = totals.get(key, 0.0) + value
-    means = {key: value / max(scored, 1) for key, value in totals.items()}
-    for key in ("token_precision", "token_recall", "rouge1", "rouge2", "rougeL", "exact_sequence_rate"):
+                counts[key] = counts.get(key, 0) + 1
+    means = {key: value / counts[key] for key, value in totals.items()}
+    keys = ("token_precision", "token_recall", "rouge1", "rouge2", "rougeL", "exact_sequence_rate")
+    for key in (*keys, "pii_recovery_rate"):
         means.setdefault(key, float("nan"))
     return {
         "batch_size": batch_size,
@@ -151,6 +177,42 @@ def measure_row(
         "seconds_per_batch": seconds / max(scored, 1),
         **means,
     }
+
+
+_LATEST: dict[str, Experiment] = {}
+
+
+def latest_experiment(config: Config) -> Experiment:
+    """The experiment of ``config``, built once for consecutive rows that share it.
+
+    Only the latest is kept: each holds a model (SmolLM2: about 1 GB), and a full
+    table has 18 configs.
+    """
+    key = config.fingerprint()
+    if key not in _LATEST:
+        _LATEST.clear()
+        _LATEST[key] = Experiment(config)
+    return _LATEST[key]
+
+
+def plant_train_file(args: argparse.Namespace) -> list[PiiRecord]:
+    """Write the config's training file with a PII message before every text; its records."""
+    config = load_config(args.config)
+    source = resolve_data_path(config.data.train)
+    if source.suffix != ".jsonl":
+        raise SystemExit(f"--pii plants into a JSONL training file, not {source}")
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[: config.data.max_train_examples or len(rows)]
+    records = make_pii_records(len(rows), seed=config.seed)
+    column = config.data.text_column
+    planted = plant_pii([row[column] for row in rows], records)
+    args.planted_file = args.out.with_name(args.out.stem + "-train.jsonl")
+    args.planted_file.parent.mkdir(parents=True, exist_ok=True)
+    args.planted_file.write_text(
+        "".join(json.dumps(row | {column: text}) + "\n" for row, text in zip(rows, planted, strict=True)),
+        encoding="utf-8",
+    )
+    return records
 
 
 if __name__ == "__main__":

@@ -93,16 +93,21 @@ def _squash(text: str) -> str:
     return re.sub(r"\s+", "", text).lower()
 
 
-def pii_recovery_rate(recovered_text: Iterable[str], secrets: Sequence[str]) -> float | None:
-    """Fraction of ``secrets`` that occur verbatim (case and spacing aside) in the text.
+def secrets_found(texts: Iterable[str], secrets: Sequence[str]) -> list[str]:
+    """The ``secrets`` that occur verbatim (case and spacing aside) in ``texts``.
 
     Spacing is ignored because detokenisers differ in where they put it
-    (``john . doe @ mail . com`` is the same secret). None without secrets.
+    (``john . doe @ mail . com`` is the same secret).
     """
+    haystack = "\n".join(_squash(text) for text in texts)
+    return [secret for secret in secrets if _squash(secret) in haystack]
+
+
+def pii_recovery_rate(recovered_text: Iterable[str], secrets: Sequence[str]) -> float | None:
+    """Fraction of ``secrets`` found in the recovered text (:func:`secrets_found`); None without secrets."""
     if not secrets:
         return None
-    haystack = "\n".join(_squash(text) for text in recovered_text)
-    return sum(_squash(secret) in haystack for secret in secrets) / len(secrets)
+    return len(secrets_found(recovered_text, secrets)) / len(secrets)
 
 
 def score_reconstruction(

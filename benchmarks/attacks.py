@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,8 @@ def plant_train_file(args: argparse.Namespace) -> list[PiiRecord]:
     records = make_pii_records(len(rows), seed=config.seed)
     column = config.data.text_column
     planted = plant_pii([row[column] for row in rows], records)
-    args.planted_file = args.out.with_name(args.out.stem + "-train.jsonl")
-    args.planted_file.parent.mkdir(parents=True, exist_ok=True)
+    # Not beside --out: the JSON is what gets kept (docs/figures), the planted text is not.
+    args.planted_file = Path(tempfile.mkdtemp(prefix="fedpeft-pii-")) / "train.jsonl"
     args.planted_file.write_text(
         "".join(json.dumps(row | {column: text}) + "\n" for row, text in zip(rows, planted, strict=True)),
         encoding="utf-8",

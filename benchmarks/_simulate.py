@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from fedpeft.flower.launch import simulate_in_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,25 +20,13 @@ def simulate(name: str, config: dict[str, Any], folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / "bench-config.toml"
     config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
-    command = [
-        sys.executable,
-        "-m",
-        "fedpeft.cli",
-        "simulate",
-        "--config",
-        str(config_file),
-        "--out",
-        str(folder),
-    ]
     started = time.monotonic()
-    with open(folder / "log.txt", "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith(("round ", "slora:", "DP-SGD")):
-                print(f"  [{name}] {line.rstrip()}", flush=True)
-        code = proc.wait()
+
+    def echo(line: str) -> None:
+        if line.startswith(("round ", "slora:", "DP-SGD")):
+            print(f"  [{name}] {line.rstrip()}", flush=True)
+
+    code = simulate_in_child(config_file, folder, folder / "log.txt", echo, cwd=ROOT)
     wall = time.monotonic() - started
     if code != 0:
         raise SystemExit(f"{name} failed (exit {code}); see {folder / 'log.txt'}")

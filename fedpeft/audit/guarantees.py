@@ -10,12 +10,21 @@ import math
 from typing import Any
 
 from fedpeft.config import Config
-from fedpeft.privacy.ledger import SERVER, PrivacyLedger, epsilon_of
+from fedpeft.privacy.ledger import SERVER, Accountant, PrivacyLedger, Unit, epsilon_of
 
 
 def _finite(value: float) -> float | None:
     """JSON has no infinity: an unbounded epsilon is written as null."""
     return value if math.isfinite(value) else None
+
+
+def _epsilon_by_round(
+    ledger: PrivacyLedger, party: str, unit: Unit, delta: float, accountant: Accountant, rounds: int
+) -> list[float | None]:
+    """``party``'s epsilon (``unit``-level) after each of rounds 1..``rounds``, composed so far."""
+    events = ledger.select(party, unit)
+    composed = ([e for e in events if e.round <= r] for r in range(1, rounds + 1))
+    return [_finite(epsilon_of(so_far, delta, accountant)) for so_far in composed]
 
 
 def assumptions_of(config: Config, smallest_client: int) -> list[str]:
@@ -68,16 +77,7 @@ def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list
     if example.enabled:
         parties = sorted(ledger.parties("example"), key=int)
         per_client = {
-            party: [
-                _finite(
-                    epsilon_of(
-                        [e for e in ledger.select(party, "example") if e.round <= r],
-                        example.delta,
-                        example.accountant,
-                    )
-                )
-                for r in range(1, rounds + 1)
-            ]
+            party: _epsilon_by_round(ledger, party, "example", example.delta, example.accountant, rounds)
             for party in parties
         }
         noise = {p: sorted({e.noise_multiplier for e in ledger.select(p, "example")}) for p in parties}
@@ -97,16 +97,7 @@ def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list
             }
         )
     if central.enabled:
-        by_round = [
-            _finite(
-                epsilon_of(
-                    [e for e in ledger.select(SERVER, "client") if e.round <= r],
-                    central.delta,
-                    central.accountant,
-                )
-            )
-            for r in range(1, rounds + 1)
-        ]
+        by_round = _epsilon_by_round(ledger, SERVER, "client", central.delta, central.accountant, rounds)
         section["units"].append(
             {
                 "unit": "client",

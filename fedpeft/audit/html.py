@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
+from fedpeft.audit.cells import format_cell
+
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
 padding:0 20px;color:#1d2430;background:#fff;line-height:1.45}
@@ -21,17 +23,6 @@ margin:10px 0}img{max-width:100%;border:1px solid #e3e7ee;margin:6px 0}
 code{background:#f1f4f9;padding:1px 4px}
 .note{color:#5a6577;font-size:13px}.grid{display:flex;flex-wrap:wrap;gap:12px}.grid>div{flex:1 1 480px}
 """
-
-
-def _number(value: Any, digits: int = 3, missing: str = "∞") -> str:
-    """A table cell: ``missing`` for None (an unbounded epsilon unless said otherwise)."""
-    if value is None:
-        return missing
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.{digits}f}"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
@@ -113,7 +104,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     unit["accountant"],
                     f"{unit['delta']:g}",
                     f"{noise[0]:.3f}..{noise[-1]:.3f}" if noise else "–",
-                    _number(unit["epsilon_max"], 2),
+                    format_cell(unit["epsilon_max"], 2),
                     f"{v['utility']['accuracy']:.3f}",
                 ]
             )
@@ -126,7 +117,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
     for v in variants:
         for unit in v["guarantees"]["units"]:
             per_client = [
-                [c, *(_number(e, 2) for e in values)] for c, values in unit["epsilon_by_round"].items()
+                [c, *(format_cell(e, 2) for e in values)] for c, values in unit["epsilon_by_round"].items()
             ]
             rounds = len(next(iter(unit["epsilon_by_round"].values()), []))
             out.append(
@@ -177,7 +168,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                         f"{o['rouge1']:.3f}",
                         f"{o['rougeL']:.3f}",
                         f"{o['exact_sequence_rate']:.3f}",
-                        _number(o["pii_recovery_rate"], missing="–"),
+                        format_cell(o["pii_recovery_rate"], missing="–"),
                     ]
                     for o in attacks["outcomes"]
                 ],
@@ -213,9 +204,9 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     c["repetitions"],
                     c["references"],
                     f"{c['max_exposure']:.2f}",
-                    _number(c["mean_exposure_included"], 2, "–"),
-                    _number(c["max_exposure_included"], 2, "–"),
-                    _number(c["mean_exposure_excluded"], 2, "–"),
+                    format_cell(c["mean_exposure_included"], 2, "–"),
+                    format_cell(c["max_exposure_included"], 2, "–"),
+                    format_cell(c["mean_exposure_excluded"], 2, "–"),
                 ]
             )
     out.append(
@@ -248,11 +239,11 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     [
                         [
                             i["text"],
-                            _number(i["label"], missing="–"),
-                            _number(i["included"]),
+                            format_cell(i["label"], missing="–"),
+                            format_cell(i["included"]),
                             f"{i['loss']:.4f}",
                             f"{i['exposure']:.2f}",
-                            _number(i["extrapolated_exposure"], 2, "–"),
+                            format_cell(i["extrapolated_exposure"], 2, "–"),
                         ]
                         for i in top
                     ],
@@ -321,8 +312,8 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     b["m"],
                     f"{b['k_plus']}/{b['k_minus']}",
                     b["correct"],
-                    _number(b["epsilon_lower_bound"], 2),
-                    _number(b["reported_epsilon"], 2),
+                    format_cell(b["epsilon_lower_bound"], 2),
+                    format_cell(b["reported_epsilon"], 2),
                     f"{100 * b['confidence']:.0f} %",
                     "VIOLATED" if b["violation"] else "ok",
                 ]

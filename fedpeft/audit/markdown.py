@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedpeft.audit.cells import format_cell
 
-def _cell(value: Any, digits: int = 3, unbounded: str = "∞") -> str:
-    if value is None:
-        return unbounded
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|")
+
+def _cell(value: Any, missing: str = "∞") -> str:
+    return format_cell(value, missing=missing).replace("|", "\\|")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -95,7 +91,7 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
                     o["token_precision"],
                     o["token_recall"],
                     o["rougeL"],
-                    _cell(o["pii_recovery_rate"], unbounded="-"),
+                    _cell(o["pii_recovery_rate"], missing="-"),
                 ]
                 for o in attacks["outcomes"]
             ],

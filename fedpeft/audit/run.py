@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from fedpeft.checkpoint import load_checkpoint
 from fedpeft.config import Config
 from fedpeft.errors import AttackError, ConfigError, FedPeftError
 from fedpeft.experiment import Experiment
+from fedpeft.flower.launch import simulate_in_child
 from fedpeft.models import load_adapter_state
 
 
@@ -60,26 +60,13 @@ def run_federation_process(config: Config, run_dir: Path, on_round: Callable[[],
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir.parent / f"{run_dir.name}.toml"
     config_file.write_text(config.to_toml(), encoding="utf-8")
-    command = [
-        sys.executable,
-        "-m",
-        "fedpeft.cli",
-        "simulate",
-        "--config",
-        str(config_file),
-        "--out",
-        str(run_dir),
-    ]
     log_path = run_dir / "log.txt"
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith("round ") and "(before training)" not in line and "/" in line.split()[1]:
-                on_round()
-        code = proc.wait()
+
+    def count_rounds(line: str) -> None:
+        if line.startswith("round ") and "(before training)" not in line and "/" in line.split()[1]:
+            on_round()
+
+    code = simulate_in_child(config_file, run_dir, log_path, count_rounds)
     if code != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-5:])
         raise AuditError(f"the federation of {run_dir.name} failed (exit {code}); {log_path}:\n{tail}")

@@ -184,8 +184,6 @@ class ReCIT:
         the rows exactly is too (weights as scores); one that cannot (noise, lossy
         codecs, more tokens than the width resolves) leaves the statistical z filter.
         """
-        distances = distance_to_span(basis, candidates)
-        z = robust_z(distances)
         if saturated:
             # Half the input width: past it greedy picks go wrong even on exact rows.
             fit = simultaneous_pursuit(rows, candidates, max_atoms=max(1, rows.shape[1] // 2))
@@ -196,6 +194,8 @@ class ReCIT:
                 passed = fit.support(self.min_weight)[: self.max_candidates]
                 return passed, {t: -weight[t] for t in passed}
         details["filter"] = "z_score" if saturated else "span"
+        distances = distance_to_span(basis, candidates)
+        z = robust_z(distances)
         passed = self._select(distances, z, saturated)
         return passed, {t: float(z[t]) for t in passed}
 

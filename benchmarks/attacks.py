@@ -121,6 +121,8 @@ def measure_row(
     ]
     if target is not None:
         overrides += ["privacy.example.enabled=true", f"privacy.example.target_epsilon={target}"]
+    if args.clients > load_config(args.config).partition.num_clients:  # one partition per client
+        overrides.append(f"partition.num_clients={args.clients}")
     if args.records:  # the messages are ~35 tokens before the sentence: room for both
         overrides += [f"data.train={args.planted_file}", "data.max_length=64"]
     config = load_config(args.config, overrides)

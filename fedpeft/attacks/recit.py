@@ -13,8 +13,11 @@ nothing. ReCIT's answer, as implemented here:
    is saturated, a simultaneous pursuit over the vocabulary
    (:mod:`fedpeft.attacks.pursuit`) looks for the few tokens whose inputs make up
    every gradient row exactly: identifiable up to about a third of the input width
-   (576 for SmolLM2), not the rank, so a batch of 16 sentences is read whole. If no
-   exact fit exists (DP noise, lossy codecs, too many tokens), every vocabulary
+   (576 for SmolLM2), not the rank, so a batch of 16 sentences is read whole. Rows a
+   sparsifying codec cut down (random mask, top-k: most entries exactly zero) get the
+   masked pursuit (:mod:`fedpeft.attacks.masked_pursuit`), which fits each row through
+   its own mask and accepts a float16 residual floor. If no
+   exact fit exists (DP noise, projections, too many tokens), every vocabulary
    token's span distance becomes a robust z-score against the whole vocabulary
    (median and MAD: nearly every token is absent, so the vocabulary is its own null
    distribution), and tokens more than ``filter_z`` deviations closer than chance pass.
@@ -33,7 +36,8 @@ Notes:
     Interpreted from the paper's abstract and descriptions (its method section was not
     available): the z-score filter, the per-start beams and their scoring are this
     implementation's reading of "filter-based token extraction" and "token pairing";
-    the pursuit is fedpeft's own. Past the second layer's rank the pairing is
+    both pursuits are fedpeft's own. Sparsified rows get no pairing: the second
+    layer's span test needs whole rows. Past the second layer's rank the pairing is
     approximate: a pursuit over prefixes does not work there, because the second
     layer's input is dominated by its own token, so a wrong prefix ending in the same
     token explains nearly as much as the true one.
@@ -49,8 +53,9 @@ from torch import Tensor
 
 from fedpeft.attacks.base import ATTACKS, Reconstruction
 from fedpeft.attacks.first_layer import FirstLayer, observe_first_layer
+from fedpeft.attacks.masked_pursuit import masked_pursuit
 from fedpeft.attacks.observation import Observation
-from fedpeft.attacks.pursuit import simultaneous_pursuit
+from fedpeft.attacks.pursuit import SparseFit, simultaneous_pursuit
 from fedpeft.attacks.second_layer import SecondLayer, second_layer_of
 from fedpeft.attacks.sequence_assembly import longest_distinct, repeats_its_only_token
 from fedpeft.attacks.span import distance_to_span, row_span_basis
@@ -95,6 +100,9 @@ class ReCIT:
         max_pairing_tokens: Past this many filtered tokens the pairing is skipped and
             the token set returned alone: each step scores every beam x token prefix
             with the whole model (a batch of 16 has ~160 tokens).
+        masked_min_weight: The same cut for a sparsified update (random mask, top-k),
+            whose float16 values leave every atom a noise weight: atoms fitting only
+            rounding noise weighed at most 1.2e-3 on SmolLM2, true tokens at least 3.7e-3.
 
     """
 
@@ -112,6 +120,7 @@ class ReCIT:
         max_positions: int = 64,
         min_weight: float = 1e-5,
         max_pairing_tokens: int = 64,
+        masked_min_weight: float = 2e-3,
     ) -> None:
         if not 0 < exact_threshold < 1:
             raise ValueError(f"exact_threshold must be in (0, 1), got {exact_threshold}")
@@ -124,8 +133,10 @@ class ReCIT:
                 "beam_width, max_length, max_candidates, max_starts, max_positions and "
                 "max_pairing_tokens must be >= 1"
             )
-        if not 0 < min_weight < 1:
-            raise ValueError(f"min_weight must be in (0, 1), got {min_weight}")
+        if not 0 < min_weight < 1 or not 0 < masked_min_weight < 1:
+            raise ValueError(
+                f"min_weight and masked_min_weight must be in (0, 1), got {min_weight}, {masked_min_weight}"
+            )
         if lm_weight < 0:
             raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
         self.exact_threshold = exact_threshold
@@ -140,6 +151,7 @@ class ReCIT:
         self.max_positions = max_positions
         self.min_weight = min_weight
         self.max_pairing_tokens = max_pairing_tokens
+        self.masked_min_weight = masked_min_weight
 
     def reconstruct(self, observation: Observation, target: LoadedModel) -> Reconstruction:
         """Filtered tokens, and for rotary decoders the sentences they pair into."""
@@ -163,6 +175,9 @@ class ReCIT:
         if len(passed) > self.max_pairing_tokens:
             details["note"] = f"no pairing: {len(passed)} tokens > max_pairing_tokens"
             return Reconstruction(tuple(tokens), scores, (), details)
+        if details["filter"] == "masked_pursuit":
+            details["note"] = "no pairing: the second layer's span test needs whole rows, not sparsified ones"
+            return Reconstruction(tuple(tokens), scores, (), details)
         try:
             second = second_layer_of(target.model)
         except AttackError as err:
@@ -185,19 +200,31 @@ class ReCIT:
         codecs, more tokens than the width resolves) leaves the statistical z filter.
         """
         if saturated:
-            # Half the input width: past it greedy picks go wrong even on exact rows.
-            fit = simultaneous_pursuit(rows, candidates, max_atoms=max(1, rows.shape[1] // 2))
+            fit, filter_name, min_weight = self._pursue(rows, candidates)
             details["pursuit_residual"] = fit.relative_residual
             if fit.converged:
-                details["filter"] = "pursuit"
+                details["filter"] = filter_name
                 weight = dict(zip(fit.atoms.tolist(), fit.weights.tolist(), strict=True))
-                passed = fit.support(self.min_weight)[: self.max_candidates]
+                passed = fit.support(min_weight)[: self.max_candidates]
                 return passed, {t: -weight[t] for t in passed}
         details["filter"] = "z_score" if saturated else "span"
         distances = distance_to_span(basis, candidates)
         z = robust_z(distances)
         passed = self._select(distances, z, saturated)
         return passed, {t: float(z[t]) for t in passed}
+
+    def _pursue(self, rows: Tensor, candidates: Tensor) -> tuple[SparseFit, str, float]:
+        """The pursuit that suits the rows: masked where most entries were not sent."""
+        sent = rows[rows.abs().sum(1) > 0]
+        if len(sent) and float((sent == 0).double().mean()) > 0.5:  # a random mask or top-k
+            kept = int((sent != 0).sum(1).double().quantile(0.75))
+            # Three quarters of the better-kept rows' entries: past that any atoms fit
+            # them (top-k keeps 3 entries of some rows and 100 of others).
+            fit = masked_pursuit(rows, candidates, max_atoms=max(1, 3 * kept // 4))
+            return fit, "masked_pursuit", self.masked_min_weight
+        # Half the input width: past it greedy picks go wrong even on exact rows.
+        fit = simultaneous_pursuit(rows, candidates, max_atoms=max(1, rows.shape[1] // 2))
+        return fit, "pursuit", self.min_weight
 
     def _select(self, distances: Tensor, z: Tensor, saturated: bool) -> list[int]:
         """The filter: closest first, at most ``max_candidates``.

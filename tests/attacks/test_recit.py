@@ -11,6 +11,7 @@ import torch
 from fedpeft.attacks import ATTACKS, score_reconstruction
 from fedpeft.attacks.memorisation_boost import boost_adapter, pnote_dataset
 from fedpeft.attacks.recit import robust_z
+from fedpeft.codecs import CODECS, CodecContext
 from fedpeft.config import AdapterConfig, ModelConfig, parse_config
 from fedpeft.errors import AttackError, ConfigError
 from fedpeft.models import LoadedModel, adapter_state, build_model
@@ -158,3 +159,23 @@ def test_boost_steps_need_a_malicious_server(tiny_config_data: dict) -> None:
     tiny_config_data["capture"] = {"rounds": [1], "boost_steps": 10}
     with pytest.raises(Exception, match="malicious = true"):
         parse_config(tiny_config_data)
+
+
+@pytest.mark.parametrize("codec", ["random_mask", "topk"])
+def test_a_sparsified_update_is_read_by_the_masked_pursuit(wide_llama_dir: Path, codec: str) -> None:
+    qkv = ["q_proj", "k_proj", "v_proj"]
+    adapter = AdapterConfig(method="lora", r=8, lora_dropout=0.0, target_modules=qkv)  # type: ignore[call-arg]
+    loaded = no_dropout(build_model(ModelConfig(name_or_path=str(wide_llama_dir), task="causal-lm"), adapter))
+    sent = malicious_global_state(loaded)
+    observation, truth = fedsgd_observation(loaded, sent, SENTENCES, "causal-lm")
+    # What the server decodes: 30 % of each tensor's entries, as float16, exactly the
+    # codec's wire path (the mask from the seed both sides share; top-k's indices).
+    sparsifier = CODECS.build(codec, {"density": 0.3, "dtype": "float16"}, "federation.codec_options")
+    context = CodecContext(run_seed=0, server_round=1, client_id=0)
+    decoded = sparsifier.decode(sparsifier.encode(observation.update, context, {}), context, sent)
+    assert all(float((value == 0).float().mean()) > 0.6 for value in decoded.values())
+    result = recit().reconstruct(dataclasses.replace(observation, update=decoded), loaded)
+    assert result.details["filter"] == "masked_pursuit"
+    special = set(loaded.tokenizer.all_special_ids)
+    assert set(result.token_ids) == {t for sequence in truth for t in sequence[:-1]} - special
+    assert result.sequences == ()  # no pairing: the second layer's rows are cut too

@@ -265,18 +265,21 @@ class AttackConfig(_Section):
 
 
 class AuditVariant(BaseModel):
-    """One entry of ``audit.compare``, parsed: ``none|example:<eps>[@<batch_size>]``."""
+    """One entry of ``audit.compare``, parsed: ``none|example:<eps>|client:<eps>[@<batch_size>]``."""
 
     model_config = ConfigDict(frozen=True)
 
+    unit: Literal["example", "client"] | None
+    """What DP protects: one example (DP-SGD on clients), one client (DP-FedAvg on the
+    server), or nothing (None)."""
     target_epsilon: float | None
-    """None: no DP; else DP-SGD calibrated to this epsilon."""
+    """None: no DP; else the noise is calibrated to this epsilon."""
     batch_size: int | None
     """None: the config's ``train.batch_size``."""
 
 
 def parse_audit_variant(spec: str) -> AuditVariant:
-    """``"none"``, ``"example:8"``, ``"none@32"``, ``"example:8@64"`` -> :class:`AuditVariant`.
+    """Parse ``"none"``, ``"example:8"``, ``"client:8"``, ``"none@32"`` or ``"example:8@64"``.
 
     Raises:
         ValueError: Anything else (the message names the accepted forms).
@@ -284,7 +287,7 @@ def parse_audit_variant(spec: str) -> AuditVariant:
     """
     privacy, at, batch = spec.partition("@")
     problem = ValueError(
-        f"audit.compare: {spec!r} is not 'none' or 'example:<epsilon>', "
+        f"audit.compare: {spec!r} is not 'none', 'example:<epsilon>' or 'client:<epsilon>', "
         "optionally followed by '@<batch_size>'"
     )
     batch_size = None
@@ -293,15 +296,15 @@ def parse_audit_variant(spec: str) -> AuditVariant:
             raise problem
         batch_size = int(batch)
     if privacy == "none":
-        return AuditVariant(target_epsilon=None, batch_size=batch_size)
-    kind, _, value = privacy.partition(":")
+        return AuditVariant(unit=None, target_epsilon=None, batch_size=batch_size)
+    unit, _, value = privacy.partition(":")
     try:
         epsilon = float(value)
     except ValueError:
         raise problem from None
-    if kind != "example" or not 0 < epsilon < float("inf"):
+    if unit not in ("example", "client") or not 0 < epsilon < float("inf"):
         raise problem
-    return AuditVariant(target_epsilon=epsilon, batch_size=batch_size)
+    return AuditVariant(unit=unit, target_epsilon=epsilon, batch_size=batch_size)  # type: ignore[arg-type]
 
 
 class AuditConfig(_Section):
@@ -334,10 +337,12 @@ class AuditConfig(_Section):
     shadow_steps: int | None = Field(default=None, gt=0)
     """Local steps of each shadow adapter; unset: rounds x ``train.steps``."""
     compare: list[str] = Field(default_factory=lambda: ["none"])
-    """Variants ``fedpeft audit`` runs side by side: ``none`` (no DP) or
-    ``example:<target_epsilon>`` (DP-SGD calibrated to that epsilon at
-    ``privacy.example.delta``), optionally with ``@<batch_size>`` to change
-    ``train.batch_size`` (``"none@32"``): see :func:`parse_audit_variant`."""
+    """Variants ``fedpeft audit`` runs side by side: ``none`` (no DP),
+    ``example:<target_epsilon>`` (DP-SGD on clients calibrated to that epsilon at
+    ``privacy.example.delta``) or ``client:<target_epsilon>`` (user-level DP-FedAvg on
+    the server, calibrated at ``privacy.client.delta``), optionally with
+    ``@<batch_size>`` to change ``train.batch_size`` (``"none@32"``): see
+    :func:`parse_audit_variant`."""
     confidence: float = Field(default=0.95, gt=0, lt=1)
     """Confidence of the empirical epsilon lower bound."""
 

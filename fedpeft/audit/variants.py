@@ -1,36 +1,71 @@
-"""The variants an audit compares: ``none`` or ``example:<epsilon>``, optionally ``@<batch_size>``."""
+"""The variants an audit compares: ``none``, ``example:<eps>``, ``client:<eps>``, each maybe ``@<batch>``."""
 
 from __future__ import annotations
 
+import math
+
 from fedpeft.config import Config, parse_audit_variant, parse_config
+from fedpeft.errors import ConfigError
+from fedpeft.privacy.ledger import calibrate_noise
 
 
 def variant_name(spec: str) -> str:
-    """A folder-safe name: ``none``, ``example-eps-8``, ``none-batch-32``."""
+    """A folder-safe name: ``none``, ``example-eps-8``, ``client-eps-8``, ``none-batch-32``."""
     variant = parse_audit_variant(spec)
-    name = "none" if variant.target_epsilon is None else f"example-eps-{variant.target_epsilon:g}"
+    name = "none" if variant.unit is None else f"{variant.unit}-eps-{variant.target_epsilon:g}"
     return name if variant.batch_size is None else f"{name}-batch-{variant.batch_size}"
 
 
 def variant_config(config: Config, spec: str) -> Config:
     """``config`` with its privacy sections (and batch size) replaced as ``spec`` says.
 
-    ``none`` turns every DP mechanism off; ``example:<eps>`` turns on DP-SGD with the
+    ``none`` turns every DP mechanism off. ``example:<eps>`` turns on DP-SGD with the
     noise calibrated per client to spend ``eps`` (at ``privacy.example.delta``) over the
-    whole run, and turns server-side DP off; ``@<batch_size>`` sets
-    ``train.batch_size``. Everything else, the planted audit examples included, stays
-    the same, so the variants differ only in what the spec names.
+    whole run, and server-side DP off. ``client:<eps>`` turns on the server's
+    DP-FedAvg with the noise calibrated so that the run's rounds, at the share of
+    clients each round samples, spend ``eps`` (at ``privacy.client.delta``), and
+    DP-SGD off. ``@<batch_size>`` sets ``train.batch_size``. Everything else, the
+    planted audit examples included, stays the same, so the variants differ only in
+    what the spec names.
+
+    Raises:
+        ConfigError: The target epsilon is out of reach for the run's rounds.
+
     """
     variant = parse_audit_variant(spec)
     data = config.to_dict()
     privacy = data.setdefault("privacy", {})
     example = privacy.setdefault("example", {})
-    privacy.setdefault("client", {})["enabled"] = False
-    if variant.target_epsilon is None:
-        example["enabled"] = False
-    else:
-        example.update(enabled=True, target_epsilon=variant.target_epsilon)
+    client = privacy.setdefault("client", {})
+    example["enabled"] = variant.unit == "example"
+    client["enabled"] = variant.unit == "client"
+    if variant.unit == "example":
+        example["target_epsilon"] = variant.target_epsilon
         example.pop("noise_multiplier", None)
+    if variant.unit == "client":
+        client["noise_multiplier"] = _client_noise(config, float(variant.target_epsilon or 0))
     if variant.batch_size is not None:
         data.setdefault("train", {})["batch_size"] = variant.batch_size
     return parse_config(data, f"audit variant {spec}")
+
+
+def client_sample_rate(config: Config) -> float:
+    """Share of the clients the server samples per round (what its accountant records)."""
+    federation, population = config.federation, config.partition.num_clients
+    sampled = max(math.ceil(population * federation.fraction_train), federation.min_train_clients)
+    return min(1.0, sampled / population)
+
+
+def _client_noise(config: Config, target_epsilon: float) -> float:
+    """DP-FedAvg's noise multiplier for ``target_epsilon`` over the run's rounds."""
+    central = config.privacy.client
+    try:
+        return calibrate_noise(
+            target_epsilon,
+            central.delta,
+            client_sample_rate(config),
+            config.federation.rounds,
+            central.accountant,
+        )
+    except ValueError as err:
+        raise ConfigError(f"audit.compare client:{target_epsilon:g}: {err}") from None

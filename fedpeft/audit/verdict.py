@@ -124,10 +124,18 @@ def recommendations(variant: dict[str, Any], level: str) -> list[str]:
             "lower): it bounds what any attack in this report can learn about one example."
         )
     elif level in ("high", "moderate"):
-        tips.append(
-            "Lower privacy.example.target_epsilon (more noise per step, noise_multiplier up), or "
-            "clip harder (privacy.example.max_grad_norm down)."
-        )
+        units = {unit["unit"] for unit in variant["guarantees"]["units"]}
+        if "example" in units:
+            tips.append(
+                "Lower privacy.example.target_epsilon (more noise per step, noise_multiplier up), or "
+                "clip harder (privacy.example.max_grad_norm down)."
+            )
+        else:
+            tips.append(
+                "User-level DP (privacy.client) adds its noise on the server, after the server has seen "
+                "every client's update: it protects against whoever sees the global adapter, not against "
+                "the server. Add example-level DP-SGD on the clients ([privacy.example]) for that."
+            )
     canaries = variant.get("canaries")
     if canaries and canaries["repetitions"] > 1 and _canary_signal(variant)[1] >= 2:
         tips.append(
@@ -141,9 +149,10 @@ def recommendations(variant: dict[str, Any], level: str) -> list[str]:
         )
     if (variant.get("attacks") or {}).get("status") == "ran" and _token_recall(variant) >= 0.2:
         tips.append(
-            "Change the update path: compressed updates (federation.codec = 'random_mask' or "
-            "'projection') defeated the span attacks in fedpeft's measurements, though they are no "
-            "guarantee; FFA-LoRA (adapter.freeze_lora_a) sends no A gradients at all."
+            "Change the update path: projected updates (federation.codec = 'projection') defeated the "
+            "span attacks in fedpeft's measurements, though they are no guarantee (random masks and "
+            "top-k did not: the server knows which entries it got); FFA-LoRA (adapter.freeze_lora_a) "
+            "sends no A gradients at all."
         )
     if not tips:
         tips.append("Nothing to change for these measurements; keep auditing when data or settings change.")

@@ -5,6 +5,7 @@ from fedpeft.audit.canaries import make_canaries
 from fedpeft.audit.plan import AuditPlan
 from fedpeft.config import AuditConfig, PartitionConfig, parse_config
 from fedpeft.errors import ConfigError
+from fedpeft.privacy.ledger import DpEvent
 
 
 def test_canaries_are_deterministic_distinct_and_formatted() -> None:
@@ -75,7 +76,7 @@ def test_plan_refuses_to_hold_out_everything() -> None:
     ("audit", "match"),
     [
         ({"compare": ["example:x"]}, "example:<epsilon>"),
-        ({"compare": ["client:8"]}, "example:<epsilon>"),
+        ({"compare": ["user:8"]}, "client:<epsilon>"),
         ({"compare": ["none@0"]}, "@<batch_size>"),
         ({"compare": ["example:inf"]}, "example:<epsilon>"),
         ({"compare": ["none", "none"]}, "listed twice"),
@@ -94,10 +95,15 @@ def test_variants_parse_and_change_only_what_they_name() -> None:
     from fedpeft.config import parse_audit_variant
 
     assert parse_audit_variant("none").target_epsilon is None
-    assert parse_audit_variant("example:8@64").model_dump() == {"target_epsilon": 8.0, "batch_size": 64}
-    assert [variant_name(s) for s in ("none", "example:8", "none@32")] == [
+    assert parse_audit_variant("example:8@64").model_dump() == {
+        "unit": "example",
+        "target_epsilon": 8.0,
+        "batch_size": 64,
+    }
+    assert [variant_name(s) for s in ("none", "example:8", "client:2", "none@32")] == [
         "none",
         "example-eps-8",
+        "client-eps-2",
         "none-batch-32",
     ]
     base = parse_config({"privacy": {"client": {"enabled": True}}, "audit": {"membership_examples": 10}})
@@ -107,3 +113,27 @@ def test_variants_parse_and_change_only_what_they_name() -> None:
     plain = variant_config(base, "none")
     assert not plain.privacy.example.enabled and not plain.privacy.client.enabled
     assert plain.audit == base.audit and plain.train == base.train
+
+
+def test_a_user_level_variant_is_calibrated_to_its_epsilon_over_the_rounds() -> None:
+    from fedpeft.audit.variants import client_sample_rate, variant_config
+    from fedpeft.privacy.ledger import epsilon_of
+
+    base = parse_config(
+        {
+            "privacy": {"example": {"enabled": True, "noise_multiplier": 1.0}},
+            "partition": {"num_clients": 8},
+            "federation": {"rounds": 5, "fraction_train": 0.5, "min_train_clients": 2},
+            "audit": {"membership_examples": 10},
+        }
+    )
+    private = variant_config(base, "client:4")
+    assert private.privacy.client.enabled and not private.privacy.example.enabled
+    assert client_sample_rate(private) == 0.5
+    # What the server's ledger will hold after the run: one event per round at that rate.
+    events = [
+        DpEvent(r, "server", "client", private.privacy.client.noise_multiplier, 0.5, 1) for r in range(1, 6)
+    ]
+    assert epsilon_of(events, private.privacy.client.delta, "rdp") == pytest.approx(4.0, rel=0.01)
+    with pytest.raises(ConfigError, match="client:1e-06"):
+        variant_config(base, "client:0.000001")

@@ -18,7 +18,7 @@ from fedpeft.audit.plan import AuditPlan
 from fedpeft.audit.report import build_report, validate_report, write_report
 from fedpeft.audit.shadows import ShadowLosses, shadow_halves
 from fedpeft.config import Config, parse_config
-from fedpeft.privacy.ledger import DpEvent, PrivacyLedger, epsilon_of
+from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger, epsilon_of
 
 
 def _config(dp: bool) -> Config:
@@ -134,6 +134,26 @@ def test_a_bound_above_the_reported_epsilon_is_flagged_loudly(tmp_path: Path) ->
     write_report(report, tmp_path)
     assert "class='flag'" in (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "VIOLATED" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_user_level_dp_is_told_it_does_not_protect_against_the_server() -> None:
+    config = parse_config(
+        {
+            "partition": {"scheme": "iid", "num_clients": 2},
+            "federation": {"rounds": 2},
+            "privacy": {"client": {"enabled": True, "noise_multiplier": 0.8}},
+            "audit": {"membership_examples": 60, "clients": [0, 1], "compare": ["client:50"]},
+        }
+    )
+    ledger = PrivacyLedger()
+    for server_round in (1, 2):
+        ledger.record(DpEvent(server_round, SERVER, "client", 0.8, 1.0, 1))
+    variant = _variant(config, "client-eps-50", 0.4, ledger)
+    assert [unit["unit"] for unit in variant["guarantees"]["units"]] == ["client"]
+    [verdict] = build_report(config, [variant])["verdict"]["variants"]
+    assert verdict["level"] == "high"
+    assert any("not against the server" in tip for tip in verdict["recommendations"])
+    assert not any("privacy.example.target_epsilon" in tip for tip in verdict["recommendations"])
 
 
 def test_schema_rejects_broken_reports() -> None:

@@ -81,12 +81,13 @@ def main() -> None:
         f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
+    causal = load_config(args.config).model.task == "causal-lm"  # lm_prior guesses with an LM head
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         for privacy_name in args.privacy.split(","):
             target = PRIVACY_BY_NAME[privacy_name]
             for codec_name in args.codecs.split(","):
                 attacks = args.attacks.split(",")
-                if privacy_name == "none" and codec_name == "dense":
+                if privacy_name == "none" and codec_name == "dense" and causal:
                     attacks.append("lm_prior")  # the no-gradient baseline, once per batch size
                 for attack_name in attacks:
                     row = measure_row(args, batch_size, target, codec_name, attack_name)

@@ -22,7 +22,7 @@ from tests.attacks.test_token_set import (
     malicious_global_state,
     no_dropout,
 )
-from tests.conftest import save_tiny_llama
+from tests.conftest import save_tiny_bert, save_tiny_llama
 
 
 def recit(**options: object):
@@ -179,3 +179,58 @@ def test_a_sparsified_update_is_read_by_the_masked_pursuit(wide_llama_dir: Path,
     special = set(loaded.tokenizer.all_special_ids)
     assert set(result.token_ids) == {t for sequence in truth for t in sequence[:-1]} - special
     assert result.sequences == ()  # no pairing: the second layer's rows are cut too
+
+
+@pytest.fixture(scope="module")
+def wide_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path) -> Path:
+    """A 2-layer BERT 256 wide whose position embeddings are a tenth of its word embeddings,
+    as in a pretrained encoder (MiniLM: an input moves far less with its position than
+    with its word); BERT's dropout of 0.1 stays on."""
+    from transformers import BertForSequenceClassification
+
+    folder = save_tiny_bert(
+        tmp_path_factory.mktemp("wide-bert"), minilm_tokenizer_dir, hidden_size=256, initializer_range=0.2
+    )
+    model = BertForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.bert.embeddings.position_embeddings.weight.mul_(0.1)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def _wide_bert(folder: Path, r: int) -> LoadedModel:
+    qkv = ["query", "key", "value"]
+    adapter = AdapterConfig(method="lora", r=r, lora_dropout=0.0, target_modules=qkv)  # type: ignore[call-arg]
+    loaded = build_model(ModelConfig(name_or_path=str(folder)), adapter, num_labels=2)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in loaded.model.modules())
+    return loaded
+
+
+def test_under_embedding_dropout_an_encoder_batch_of_one_is_read_relative_to_the_median(
+    wide_bert_dir: Path,
+) -> None:
+    loaded = _wide_bert(wide_bert_dir, r=8)
+    observation, truth = fedsgd_observation(
+        loaded, malicious_global_state(loaded), SENTENCES[1:], "sequence-classification"
+    )
+    special = set(loaded.tokenizer.all_special_ids)
+    # DAGER's exact test finds nothing: dropout moved every input off the span.
+    assert ATTACKS.build("token_set", {}, "x").reconstruct(observation, loaded).token_ids == ()
+    result = recit().reconstruct(observation, loaded)
+    assert result.details["filter"] == "relative_span"
+    assert set(result.token_ids) == set(truth[0]) - special
+
+
+def test_past_the_rank_an_encoder_gets_a_token_set_from_position_averaged_inputs(
+    wide_bert_dir: Path,
+) -> None:
+    loaded = _wide_bert(wide_bert_dir, r=4)  # a stacked rank of 12 against ~20 positions
+    observation, truth = fedsgd_observation(
+        loaded, malicious_global_state(loaded), SENTENCES, "sequence-classification"
+    )
+    result = recit().reconstruct(observation, loaded)
+    assert result.details["filter"] == "position_averaged_pursuit"
+    metrics = score_reconstruction(result, truth, loaded.tokenizer)
+    # Chance is ~20 tokens of 30k; on MiniLM itself see benchmarks/attacks.py (README).
+    assert metrics.token_precision >= 0.5 and metrics.token_recall >= 0.3
+    assert result.sequences == ()

@@ -106,10 +106,11 @@ def masked_pursuit(
     Args:
         rows: ``(m, d)`` the observed gradient rows, exactly zero where not sent.
         dictionary: ``(n, d)`` candidate atoms.
-        max_atoms: Most atoms to choose; only rows with at least ``4/3 max_atoms``
-            kept entries judge the residual (the others help pick atoms).
+        max_atoms: Most atoms to choose; only rows with more kept entries than this
+            judge the residual (the others help pick atoms).
         cliff_ratio: A step that leaves at most this fraction of the residual, followed
-            by a flat floor, ends the fit there.
+            by a flat floor (``confirm_steps`` steps, or as many as the atom limit
+            allows, at least one), ends the fit there.
         floor_ratio: Every step after the cliff must leave at least this fraction:
             what is left is rounding noise, not a token.
         confirm_steps: Flat steps after a cliff that confirm it (and stop the search).
@@ -132,6 +133,9 @@ def masked_pursuit(
     # that sudden fit would look like a cliff: every row helps pick atoms, but only
     # rows with room to spare judge the residual.
     judges = (rows != 0).sum(1) > max_atoms
+    if rows.abs().sum() > 0 and not judges.any():  # every row fits anything: nothing to read
+        empty = torch.zeros(0, dtype=torch.long)
+        return SparseFit(empty, empty.double(), 1.0, False)
     fit = MaskedResidual(rows, judges)
     # Cheap score: each row's correlation over the atom's masked energy, ignoring the
     # atoms already taken; it only shortlists candidates for the exact gain.

@@ -54,3 +54,9 @@ def test_bad_shapes_are_named() -> None:
         masked_pursuit(torch.zeros(2, 8), torch.zeros(10, 9), max_atoms=4)
     with pytest.raises(ValueError, match="max_atoms"):
         masked_pursuit(torch.zeros(2, 8), torch.zeros(10, 8), max_atoms=0)
+
+
+def test_rows_with_fewer_kept_entries_than_atoms_read_nothing() -> None:
+    dictionary, _, rows = sparse_rows(atoms=3000, width=192, support=12, rows=16)
+    fit = masked_pursuit(masked(rows, density=0.05), dictionary, max_atoms=36)  # ~10 entries per row
+    assert not fit.converged and fit.support() == []

@@ -4,8 +4,8 @@ Each row runs fedpeft's real client round (``fedpeft.client.run_client_round``: 
 training, then the codec's encoding, exactly what the ClientApp sends), decodes it as
 the server does, and runs one attack on the decoded update; the truth is the batch the
 client trained on, replayed from its seeded loader. No Flower or Ray is involved, so
-the model loads once for every row. The ``lm_prior`` row per batch size is the
-no-gradient baseline.
+the model loads once for every row. The ``lm_prior`` row per batch size (for an
+encoder classifier: ``unigram_prior``) is the no-gradient baseline.
 
     python benchmarks/attacks.py --out runs/bench/attacks.json
     python benchmarks/attacks.py --batch-sizes 1,2 --codecs dense --privacy none,eps8
@@ -81,14 +81,16 @@ def main() -> None:
         f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
-    causal = load_config(args.config).model.task == "causal-lm"  # lm_prior guesses with an LM head
+    causal = load_config(args.config).model.task == "causal-lm"
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         for privacy_name in args.privacy.split(","):
             target = PRIVACY_BY_NAME[privacy_name]
             for codec_name in args.codecs.split(","):
                 attacks = args.attacks.split(",")
-                if privacy_name == "none" and codec_name == "dense" and causal:
-                    attacks.append("lm_prior")  # the no-gradient baseline, once per batch size
+                if privacy_name == "none" and codec_name == "dense":
+                    # The no-gradient baseline, once per batch size: an LM's guess, or for
+                    # a classifier (no LM head) the commonest words of public text.
+                    attacks.append("lm_prior" if causal else "unigram_prior")
                 for attack_name in attacks:
                     row = measure_row(args, batch_size, target, codec_name, attack_name)
                     row["privacy"] = privacy_name
@@ -131,9 +133,11 @@ def measure_row(
     malicious = config.capture.malicious
     initial = experiment.initial_state
     sent = malicious_adapter(initial, seed=config.seed) if malicious else dict(initial)
-    attack_options = (
-        {"num_sequences": batch_size, "length": config.data.max_length} if attack_name == "lm_prior" else {}
-    )
+    attack_options: dict[str, Any] = {}
+    if attack_name == "lm_prior":
+        attack_options = {"num_sequences": batch_size, "length": config.data.max_length}
+    if attack_name == "unigram_prior":  # about an SST-2 sentence's distinct tokens per example
+        attack_options = {"num_tokens": 12 * batch_size}
     attack = ATTACKS.build(attack_name, attack_options, "attack.options")
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}

@@ -11,6 +11,7 @@ from fedpeft.attacks.observation import Observation, ThreatModel
 from fedpeft.attacks.recit import ReCIT
 from fedpeft.attacks.sequence_assembly import SequenceAssembly
 from fedpeft.attacks.token_set import TokenSet
+from fedpeft.attacks.unigram_prior import UnigramPrior
 
 __all__ = [
     "ATTACKS",
@@ -24,5 +25,6 @@ __all__ = [
     "SequenceAssembly",
     "ThreatModel",
     "TokenSet",
+    "UnigramPrior",
     "score_reconstruction",
 ]

@@ -3,6 +3,7 @@ by fedpeft's own local training (one plain-SGD step: the FedSGD threat model).""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import datasets
@@ -12,7 +13,7 @@ import torch
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
 from fedpeft.attacks.capture import malicious_adapter
 from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
-from fedpeft.errors import AttackError
+from fedpeft.errors import AttackError, DataError
 from fedpeft.models import LoadedModel, adapter_state, build_model, load_adapter_state, state_delta
 from fedpeft.training import make_loader, tokenize, train_local
 
@@ -216,3 +217,28 @@ def test_lm_prior_refuses_a_classifier(tiny_bert: LoadedModel) -> None:
     )
     with pytest.raises(AttackError, match="causal language model"):
         ATTACKS.build("lm_prior", {}, "attack.options").reconstruct(observation, tiny_bert)
+
+
+def test_unigram_prior_guesses_the_commonest_reference_tokens(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    reference = tmp_path / "public.tsv"
+    reference.write_text("sentence\nthe river the sky\nthe comet and the river\n", encoding="utf-8")
+    observation, truth = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    prior = ATTACKS.build("unigram_prior", {"num_tokens": 2, "reference": str(reference)}, "attack.options")
+    guess = prior.reconstruct(observation, tiny_bert)
+    ids = tiny_bert.tokenizer.convert_tokens_to_ids(["the", "river"])
+    assert guess.token_ids == tuple(ids)  # 4 x "the", 2 x "river"
+    zeroed = dataclasses.replace(observation, update={k: v * 0 for k, v in observation.update.items()})
+    assert prior.reconstruct(zeroed, tiny_bert) == guess  # the update is never read
+    # "the" is in "a bright comet crossed the northern sky tonight"; "river" is not.
+    assert score_reconstruction(guess, truth, tiny_bert.tokenizer).token_precision == 0.5
+
+
+def test_unigram_prior_names_a_missing_reference(tiny_bert: LoadedModel, tmp_path: Path) -> None:
+    observation, _ = fedsgd_observation(
+        tiny_bert, malicious_global_state(tiny_bert), SENTENCES[1:], "sequence-classification"
+    )
+    prior = ATTACKS.build("unigram_prior", {"reference": str(tmp_path / "nowhere.tsv")}, "attack.options")
+    with pytest.raises(DataError, match=r"nowhere\.tsv"):
+        prior.reconstruct(observation, tiny_bert)

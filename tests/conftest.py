@@ -67,8 +67,8 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_tokenizer_dir)
 
 
-def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden_size: int = 32) -> Path:
-    """A 2-layer Llama causal LM of ``hidden_size`` (random weights, seed 0) in ``folder``."""
+def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A Llama causal LM of ``layers`` layers and ``hidden_size`` (random weights, seed 0) in ``folder``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -77,7 +77,7 @@ def save_tiny_llama(folder: Path, tokenizer_dir: Path, hidden_size: int = 32) ->
         vocab_size=tokenizer.vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2 if hidden_size <= 32 else 4,
         num_key_value_heads=2 if hidden_size <= 32 else 4,
         max_position_embeddings=128,

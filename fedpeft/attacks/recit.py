@@ -22,12 +22,14 @@ nothing. ReCIT's answer, as implemented here:
    (median and MAD: nearly every token is absent, so the vocabulary is its own null
    distribution), and tokens more than ``filter_z`` deviations closer than chance pass.
 2. **Pairing.** Sentences are grown from the tokens that pass, one position at a time:
-   the second layer's input at the new position (a function of the prefix) is scored
-   against the second layer's A gradients, relative to the step's other extensions
-   (0 where the span is exact, a fraction where it only approximately holds), and
-   combined with the model's own log-likelihood. Each start token (the
-   second layer's input at position 0 depends on it alone) seeds its own beam, so a
-   batch's sentences do not compete for one beam.
+   the inputs of the middle third of the layers at the new position (functions of the
+   prefix) are scored against each layer's A gradients, relative to the step's other
+   extensions and averaged over the layers (0 where the spans are exact, a fraction
+   where they only approximately hold), and combined with the model's own
+   log-likelihood. Past the rank the middle layers tell prefixes apart far better than
+   the second layer, whose input is dominated by its own token
+   (:class:`fedpeft.attacks.second_layer.PrefixLayers`). Each start token seeds its own
+   beam, so a batch's sentences do not compete for one beam.
 3. **Memorisation boost.** A malicious server sends an adapter fine-tuned on personal
    notes (:mod:`fedpeft.attacks.memorisation_boost`, ``capture.boost_steps``); it is the
    model this attack scores likelihoods with, since it runs at the observed adapter.
@@ -37,10 +39,11 @@ Notes:
     available): the z-score filter, the per-start beams and their scoring are this
     implementation's reading of "filter-based token extraction" and "token pairing";
     both pursuits are fedpeft's own. Sparsified rows get no pairing: the second
-    layer's span test needs whole rows. Past the second layer's rank the pairing is
-    approximate: a pursuit over prefixes does not work there, because the second
-    layer's input is dominated by its own token, so a wrong prefix ending in the same
-    token explains nearly as much as the true one.
+    layer's span test needs whole rows. Past the layers' rank the pairing is
+    approximate: a pursuit over prefixes does not work there (at the second layer a
+    wrong prefix ending in the right token explains nearly as much as the true one),
+    and the middle layers' relative distances rank the true extension first at about
+    half to four fifths of the steps at batch 4, not all.
     Rotary decoders get the whole pipeline. Encoders get the filter per position and
     the best token of each position as their sequence; under their embedding dropout
     (BERT, MiniLM: p = 0.1 while training) no input lies exactly in the span, and a
@@ -62,7 +65,7 @@ from fedpeft.attacks.first_layer import FirstLayer, observe_first_layer
 from fedpeft.attacks.masked_pursuit import masked_pursuit
 from fedpeft.attacks.observation import Observation
 from fedpeft.attacks.pursuit import OrthogonalResidual, SparseFit, simultaneous_pursuit, unit_rows
-from fedpeft.attacks.second_layer import SecondLayer, second_layer_of
+from fedpeft.attacks.second_layer import PrefixLayers, prefix_layers_of
 from fedpeft.attacks.sequence_assembly import longest_distinct, repeats_its_only_token
 from fedpeft.attacks.span import distance_to_span, row_span_basis
 from fedpeft.errors import AttackError
@@ -90,8 +93,9 @@ class ReCIT:
             span is exact (DAGER's LoRA setting: 0.05).
         filter_z: Deviations below the vocabulary's median distance a token must lie to
             pass the filter (among ~50k absent tokens the closest sit near -2.3).
-        pairing_ratio: An extension continues a sentence while its second-layer span
-            distance is below this fraction of the median over the step's extensions.
+        pairing_ratio: An extension continues a sentence while its span distance,
+            relative to the median over the step's extensions and averaged over the
+            pairing layers, is below this.
         lm_weight: Weight of the model's negative log-likelihood against the relative
             distance when ranking extensions (a tie-breaker).
         beam_width: Prefixes kept per start token.
@@ -198,15 +202,19 @@ class ReCIT:
             details["note"] = "no pairing: the second layer's span test needs whole rows, not sparsified ones"
             return Reconstruction(tuple(tokens), scores, (), details)
         try:
-            second = second_layer_of(target.model)
+            layers = prefix_layers_of(target.model)
         except AttackError as err:
             details["note"] = f"no pairing: {err}"
             return Reconstruction(tuple(tokens), scores, (), details)
         load_adapter_state(target.model, observation.global_state)
         target.model.eval()
-        basis2 = row_span_basis([gradients[name] for name in second.lora_a_names], self.rank_tolerance)
-        details["second_layer_rank"] = basis2.shape[1]
-        sequences = self._pair(second, basis2, passed)
+        bases = [
+            row_span_basis([gradients[name] for name in names], self.rank_tolerance)
+            for names in layers.lora_a_names
+        ]
+        details["pairing_layers"] = f"{layers.layers[0]}-{layers.layers[-1]}"
+        details["pairing_rank"] = min(basis.shape[1] for basis in bases)
+        sequences = self._pair(layers, bases, passed)
         return Reconstruction(tuple(tokens), scores, tuple(sequences), details)
 
     def _filter(
@@ -327,19 +335,18 @@ class ReCIT:
         details["filtered"] = len(tokens)
         return Reconstruction(tuple(tokens), tuple(-gains[t] for t in tokens), (), details)
 
-    def _pair(self, second: SecondLayer, basis: Tensor, tokens: list[int]) -> list[tuple[int, ...]]:
+    def _pair(self, layers: PrefixLayers, bases: list[Tensor], tokens: list[int]) -> list[tuple[int, ...]]:
         """Grow sentences from each start token; keep each start's best finished one."""
         vocabulary = torch.tensor(tokens)
-        distances = distance_to_span(basis, second.last_position(vocabulary.unsqueeze(1)).layer_inputs)
-        relative = distances / distances.median().clamp_min(1e-12)
+        relative = _relative_distance(bases, layers.last_position(vocabulary.unsqueeze(1)).layer_inputs)
         starts = [tokens[i] for i in torch.argsort(relative).tolist() if relative[i] < self.pairing_ratio]
         found: list[tuple[tuple[int, ...], float]] = []
         for start in starts[: self.max_starts]:
-            found += self._grow(second, basis, vocabulary, start)
+            found += self._grow(layers, bases, vocabulary, start)
         return longest_distinct(found)
 
     def _grow(
-        self, second: SecondLayer, basis: Tensor, vocabulary: Tensor, start: int
+        self, layers: PrefixLayers, bases: list[Tensor], vocabulary: Tensor, start: int
     ) -> list[tuple[tuple[int, ...], float]]:
         """A beam search from ``start``: extensions closer than ``pairing_ratio``, best first.
 
@@ -356,9 +363,8 @@ class ReCIT:
                 [prefixes.repeat_interleave(len(vocabulary), 0), vocabulary.repeat(len(beams)).unsqueeze(1)],
                 dim=1,
             )
-            view = second.last_position(extended)
-            distances = distance_to_span(basis, view.layer_inputs)
-            relative = (distances / distances.median().clamp_min(1e-12)).view(len(beams), -1)
+            view = layers.last_position(extended)
+            relative = _relative_distance(bases, view.layer_inputs).view(len(beams), -1)
             scores = relative - self.lm_weight * view.log_probs.view(len(beams), -1)
             candidates = []
             for b, (prefix, total) in enumerate(beams):
@@ -377,6 +383,18 @@ class ReCIT:
         else:
             finished += [(prefix, total / len(prefix)) for prefix, total in beams]
         return [min(finished, key=lambda f: f[1])]
+
+
+def _relative_distance(bases: list[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+    """Each candidate's span distance relative to the candidates' median, averaged over layers.
+
+    0 where every layer's span is exact and holds the candidate; about 1 for a wrong one.
+    """
+    total = torch.zeros(inputs[0].shape[0], dtype=torch.float64)
+    for basis, layer_inputs in zip(bases, inputs, strict=True):
+        distances = distance_to_span(basis, layer_inputs)
+        total += distances / distances.median().clamp_min(1e-12)
+    return total / len(bases)
 
 
 def _repeats_a_trigram(prefix: tuple[int, ...], token: int) -> bool:

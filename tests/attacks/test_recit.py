@@ -234,3 +234,22 @@ def test_past_the_rank_an_encoder_gets_a_token_set_from_position_averaged_inputs
     # Chance is ~20 tokens of 30k; on MiniLM itself see benchmarks/attacks.py (README).
     assert metrics.token_precision >= 0.5 and metrics.token_recall >= 0.3
     assert result.sequences == ()
+
+
+def test_the_pairing_reads_the_middle_third_of_the_layers(tmp_path: Path, minilm_tokenizer_dir: Path) -> None:
+    from fedpeft.attacks.second_layer import prefix_layers_of, second_layer_of
+
+    folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, layers=6)
+    adapter = AdapterConfig(method="lora", r=2, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])  # type: ignore[call-arg]
+    loaded = build_model(ModelConfig(name_or_path=str(folder), task="causal-lm"), adapter)
+    layers = prefix_layers_of(loaded.model)
+    assert layers.layers == (2, 3, 4)
+    assert all(".layers.3.self_attn." in name for name in layers.lora_a_names[1])
+    prefixes = torch.tensor([[5, 6, 7], [5, 6, 8]])
+    view = layers.last_position(prefixes)
+    assert [tuple(x.shape) for x in view.layer_inputs] == [(2, 32)] * 3
+    # One forward pass serves every layer; the log-probabilities are the model's.
+    assert torch.allclose(view.log_probs, second_layer_of(loaded.model).last_position(prefixes).log_probs)
+    two = save_tiny_llama(tmp_path / "two", minilm_tokenizer_dir)
+    shallow = build_model(ModelConfig(name_or_path=str(two), task="causal-lm"), adapter)
+    assert prefix_layers_of(shallow.model).layers == (1,)  # never the first layer

@@ -81,7 +81,9 @@ def main() -> None:
         f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
-    causal = load_config(args.config).model.task == "causal-lm"
+    base = load_config(args.config)
+    causal = base.model.task == "causal-lm"
+    args.partitions = base.partition.num_clients
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         for privacy_name in args.privacy.split(","):
             target = PRIVACY_BY_NAME[privacy_name]
@@ -124,7 +126,7 @@ def measure_row(
     ]
     if target is not None:
         overrides += ["privacy.example.enabled=true", f"privacy.example.target_epsilon={target}"]
-    if args.clients > load_config(args.config).partition.num_clients:  # one partition per client
+    if args.clients > args.partitions:  # one partition per client
         overrides.append(f"partition.num_clients={args.clients}")
     if args.records:  # the messages are ~35 tokens before the sentence: room for both
         overrides += [f"data.train={args.planted_file}", "data.max_length=64"]

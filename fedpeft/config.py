@@ -8,6 +8,7 @@ error that names the dotted key.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -155,6 +156,13 @@ class FederationConfig(_Section):
     """Times a round is sent again when fewer than ``min_train_clients`` usable updates
     came back (clients died, declined or were rejected); after that the run stops with
     its last completed round checkpointed, ready for ``--resume``."""
+
+    def clients_per_round(self, available: int) -> int:
+        """How many of ``available`` clients the server samples each round.
+
+        One rule for the strategy and for whoever calibrates noise to its sampling rate.
+        """
+        return min(max(math.ceil(available * self.fraction_train), self.min_train_clients), available)
 
 
 class SloraConfig(_Section):

@@ -38,6 +38,7 @@ class MaskedResidual:
     def __init__(self, rows: Tensor, judges: Tensor | None = None) -> None:
         self.rows = rows.double()
         self.mask = (self.rows != 0).double()
+        self._kept = [row.nonzero().flatten() for row in self.mask]
         self.residual = self.rows.clone()
         self._bases = [self.rows.new_zeros(self.rows.shape[1], 0) for _ in range(self.rows.shape[0])]
         self._judges = torch.ones(len(rows), dtype=torch.bool) if judges is None else judges
@@ -53,8 +54,7 @@ class MaskedResidual:
         chosen = atoms[candidates]
         correlation = chosen @ self.residual.T  # (c, m); the residual is zero off the mask
         gains = torch.zeros(len(candidates), dtype=torch.float64)
-        for i, basis in enumerate(self._bases):
-            kept = self.mask[i].nonzero().flatten()
+        for i, (basis, kept) in enumerate(zip(self._bases, self._kept, strict=True)):
             if basis.shape[1] >= len(kept):  # the row is already fit by anything
                 continue
             seen = chosen[:, kept]

@@ -292,13 +292,14 @@ class ReCIT:
         positions = min(self.max_positions, first.max_positions)
         if saturated:
             return self._encoder_pursuit(first, rows, positions, special, details)
-        exact = self._exact(distance_to_span(basis, first.candidates(0)))
+        at_start = distance_to_span(basis, first.candidates(0))
+        exact = self._exact(at_start)
         details["filter"] = "span" if exact else "relative_span"
         threshold = self.exact_threshold if exact else self.encoder_ratio
         best: dict[int, float] = {}
         sequence: list[int] = []
         for position in range(positions if exact else min(positions, basis.shape[1])):
-            distances = distance_to_span(basis, first.candidates(position))
+            distances = at_start if position == 0 else distance_to_span(basis, first.candidates(position))
             scores = distances if exact else distances / distances.median().clamp_min(1e-12)
             passing = torch.nonzero(scores < threshold).flatten()
             ordered = [int(t) for t in passing[torch.argsort(scores[passing])]]

@@ -74,7 +74,7 @@ class SequenceAssembly:
             return tokens
         second = second_layer_of(target.model)
         gradients = observation.gradient_estimate()
-        basis = row_span_basis([gradients[name] for name in second.lora_a_names], self.rank_tolerance)
+        basis = row_span_basis([gradients[name] for name in second.lora_a_names[0]], self.rank_tolerance)
         load_adapter_state(target.model, observation.global_state)
         target.model.eval()
         vocabulary = torch.tensor(tokens.token_ids)
@@ -87,7 +87,7 @@ class SequenceAssembly:
                 dim=1,
             )
             view = second.last_position(extended)
-            distances = distance_to_span(basis, view.layer_inputs).view(len(beams), -1)
+            distances = distance_to_span(basis, view.layer_inputs[0]).view(len(beams), -1)
             scores = distances - self.lm_weight * view.log_probs.view(len(beams), -1)
             candidates = []
             for b, (prefix, total) in enumerate(beams):

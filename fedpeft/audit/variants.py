@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from fedpeft.config import Config, parse_audit_variant, parse_config
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.ledger import calibrate_noise
@@ -51,9 +49,8 @@ def variant_config(config: Config, spec: str) -> Config:
 
 def client_sample_rate(config: Config) -> float:
     """Share of the clients the server samples per round (what its accountant records)."""
-    federation, population = config.federation, config.partition.num_clients
-    sampled = max(math.ceil(population * federation.fraction_train), federation.min_train_clients)
-    return min(1.0, sampled / population)
+    population = config.partition.num_clients
+    return config.federation.clients_per_round(population) / population
 
 
 def _client_noise(config: Config, target_epsilon: float) -> float:

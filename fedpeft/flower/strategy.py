@@ -97,11 +97,8 @@ class AdapterStrategy(Strategy):
                     f"federation.min_available_clients = {self.federation.min_available_clients}"
                 )
             time.sleep(1.0)
-        wanted = max(
-            math.ceil(len(nodes) * self.federation.fraction_train), self.federation.min_train_clients
-        )
         rng = random.Random(self.run_seed * 7_919 + server_round)
-        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+        return sorted(rng.sample(nodes, self.federation.clients_per_round(len(nodes))))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

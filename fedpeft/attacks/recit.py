@@ -21,29 +21,25 @@ nothing. ReCIT's answer, as implemented here:
    token's span distance becomes a robust z-score against the whole vocabulary
    (median and MAD: nearly every token is absent, so the vocabulary is its own null
    distribution), and tokens more than ``filter_z`` deviations closer than chance pass.
-2. **Pairing.** Sentences are grown from the tokens that pass, one position at a time:
-   the inputs of the middle third of the layers at the new position (functions of the
-   prefix) are scored against each layer's A gradients, relative to the step's other
-   extensions and averaged over the layers (0 where the spans are exact, a fraction
-   where they only approximately hold), and combined with the model's own
-   log-likelihood. Past the rank the middle layers tell prefixes apart far better than
-   the second layer, whose input is dominated by its own token
-   (:class:`fedpeft.attacks.second_layer.PrefixLayers`). Each start token seeds its own
-   beam, so a batch's sentences do not compete for one beam.
+2. **Pairing.** Sentences are grown from the tokens that pass, one position at a time,
+   by sentence peeling (:mod:`fedpeft.attacks.peeling`): a prefix's inputs to the
+   layers after the first (functions of the prefix,
+   :class:`~fedpeft.attacks.second_layer.PrefixLayers`) must lie in
+   each layer's A gradient span, scored relative to the step's other extensions and
+   combined with the model's own log-likelihood. Past the rank that test is only
+   approximate, until every other sentence's inputs are projected out of the rows:
+   the peeling finds the sentences one by one, then grows each again with the others
+   projected out, where the span is exact once more.
 3. **Memorisation boost.** A malicious server sends an adapter fine-tuned on personal
    notes (:mod:`fedpeft.attacks.memorisation_boost`, ``capture.boost_steps``); it is the
    model this attack scores likelihoods with, since it runs at the observed adapter.
 
 Notes:
     Interpreted from the paper's abstract and descriptions (its method section was not
-    available): the z-score filter, the per-start beams and their scoring are this
-    implementation's reading of "filter-based token extraction" and "token pairing";
-    both pursuits are fedpeft's own. Sparsified rows get no pairing: the second
-    layer's span test needs whole rows. Past the layers' rank the pairing is
-    approximate: a pursuit over prefixes does not work there (at the second layer a
-    wrong prefix ending in the right token explains nearly as much as the true one),
-    and the middle layers' relative distances rank the true extension first at about
-    half to four fifths of the steps at batch 4, not all.
+    available): the z-score filter is this implementation's reading of "filter-based
+    token extraction"; both pursuits and the peeling (its "token pairing" past the
+    rank) are fedpeft's own. Sparsified rows get no pairing: the layers' span tests
+    need whole rows.
     Rotary decoders get the whole pipeline. Encoders get the filter per position and
     the best token of each position as their sequence; under their embedding dropout
     (BERT, MiniLM: p = 0.1 while training) no input lies exactly in the span, and a
@@ -64,10 +60,11 @@ from fedpeft.attacks.base import ATTACKS, Reconstruction
 from fedpeft.attacks.first_layer import FirstLayer, observe_first_layer
 from fedpeft.attacks.masked_pursuit import masked_pursuit
 from fedpeft.attacks.observation import Observation
+from fedpeft.attacks.peeling import SentencePeeling
 from fedpeft.attacks.pursuit import OrthogonalResidual, SparseFit, simultaneous_pursuit, unit_rows
-from fedpeft.attacks.second_layer import PrefixLayers, prefix_layers_of
-from fedpeft.attacks.sequence_assembly import longest_distinct, repeats_its_only_token
-from fedpeft.attacks.span import distance_to_span, row_span_basis
+from fedpeft.attacks.second_layer import prefix_layers_of
+from fedpeft.attacks.sequence_assembly import longest_distinct
+from fedpeft.attacks.span import distance_to_span
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, load_adapter_state
 
@@ -93,15 +90,17 @@ class ReCIT:
             span is exact (DAGER's LoRA setting: 0.05).
         filter_z: Deviations below the vocabulary's median distance a token must lie to
             pass the filter (among ~50k absent tokens the closest sit near -2.3).
-        pairing_ratio: An extension continues a sentence while its span distance,
+        pairing_ratio: A sentence ends after its last extension whose span distance,
             relative to the median over the step's extensions and averaged over the
-            pairing layers, is below this.
+            pairing layers, is below this (:class:`~fedpeft.attacks.peeling.SentencePeeling`).
+        start_ratio: A sentence is started from a token while its relative distance at
+            position 0 is below this.
+        sweeps: Rounds of growing every sentence again with the others projected out.
         lm_weight: Weight of the model's negative log-likelihood against the relative
             distance when ranking extensions (a tie-breaker).
-        beam_width: Prefixes kept per start token.
         max_length: Longest sentence searched.
         max_candidates: Most tokens kept by the filter (best first).
-        max_starts: Most start tokens searched from.
+        max_sentences: Most sentences peeled.
         rank_tolerance: Relative singular-value cut-off of both spans.
         max_positions: Positions scanned for absolute-position encoders.
         encoder_ratio: Under dropout, an encoder's token passes at a position where its
@@ -115,8 +114,9 @@ class ReCIT:
             this fraction of the largest was not needed (wrong picks sit near 1e-7,
             the rarest true tokens near 1e-3).
         max_pairing_tokens: Past this many filtered tokens the pairing is skipped and
-            the token set returned alone: each step scores every beam x token prefix
-            with the whole model (a batch of 16 has ~160 tokens).
+            the token set returned alone: each step scores every token as the next one,
+            with the whole model, for every sentence and sweep (a batch of 16 has ~160
+            tokens).
         masked_min_weight: The same cut for a sparsified update (random mask, top-k),
             whose float16 values leave every atom a noise weight: atoms fitting only
             rounding noise weighed at most 1.2e-3 on SmolLM2, true tokens at least 3.7e-3.
@@ -128,11 +128,12 @@ class ReCIT:
         exact_threshold: float = 0.05,
         filter_z: float = 4.0,
         pairing_ratio: float = 0.3,
+        start_ratio: float = 0.7,
+        sweeps: int = 2,
         lm_weight: float = 0.02,
-        beam_width: int = 4,
         max_length: int = 40,
         max_candidates: int = 256,
-        max_starts: int = 32,
+        max_sentences: int = 16,
         rank_tolerance: float = 1e-5,
         max_positions: int = 64,
         min_weight: float = 1e-5,
@@ -145,29 +146,26 @@ class ReCIT:
             raise ValueError(f"exact_threshold must be in (0, 1), got {exact_threshold}")
         if filter_z <= 0:
             raise ValueError(f"filter_z must be > 0, got {filter_z}")
-        if not 0 < pairing_ratio < 1:
-            raise ValueError(f"pairing_ratio must be in (0, 1), got {pairing_ratio}")
-        if min(beam_width, max_length, max_candidates, max_starts, max_positions, max_pairing_tokens) < 1:
-            raise ValueError(
-                "beam_width, max_length, max_candidates, max_starts, max_positions and "
-                "max_pairing_tokens must be >= 1"
-            )
+        if min(max_candidates, max_positions, max_pairing_tokens) < 1:
+            raise ValueError("max_candidates, max_positions and max_pairing_tokens must be >= 1")
         if not 0 < min_weight < 1 or not 0 < masked_min_weight < 1:
             raise ValueError(
                 f"min_weight and masked_min_weight must be in (0, 1), got {min_weight}, {masked_min_weight}"
             )
         if not 0 < encoder_ratio < 1 or not 0 < min_gain < 1:
             raise ValueError(f"encoder_ratio and min_gain must be in (0, 1), got {encoder_ratio}, {min_gain}")
-        if lm_weight < 0:
-            raise ValueError(f"lm_weight must be >= 0, got {lm_weight}")
         self.exact_threshold = exact_threshold
         self.filter_z = filter_z
-        self.pairing_ratio = pairing_ratio
-        self.lm_weight = lm_weight
-        self.beam_width = beam_width
-        self.max_length = max_length
+        self.peeling = SentencePeeling(
+            pairing_ratio=pairing_ratio,
+            start_ratio=start_ratio,
+            sweeps=sweeps,
+            max_sentences=max_sentences,
+            max_length=max_length,
+            lm_weight=lm_weight,
+            rank_tolerance=rank_tolerance,
+        )
         self.max_candidates = max_candidates
-        self.max_starts = max_starts
         self.rank_tolerance = rank_tolerance
         self.max_positions = max_positions
         self.min_weight = min_weight
@@ -202,19 +200,15 @@ class ReCIT:
             details["note"] = "no pairing: the second layer's span test needs whole rows, not sparsified ones"
             return Reconstruction(tuple(tokens), scores, (), details)
         try:
-            layers = prefix_layers_of(target.model)
+            layers = prefix_layers_of(target.model, 0.0, 2 / 3)
         except AttackError as err:
             details["note"] = f"no pairing: {err}"
             return Reconstruction(tuple(tokens), scores, (), details)
         load_adapter_state(target.model, observation.global_state)
         target.model.eval()
-        bases = [
-            row_span_basis([gradients[name] for name in names], self.rank_tolerance)
-            for names in layers.lora_a_names
-        ]
         details["pairing_layers"] = f"{layers.layers[0]}-{layers.layers[-1]}"
-        details["pairing_rank"] = min(basis.shape[1] for basis in bases)
-        sequences = self._pair(layers, bases, passed)
+        peeled = self.peeling.sentences(layers, gradients, passed)
+        sequences = longest_distinct([(sentence, -len(sentence)) for sentence in peeled])
         return Reconstruction(tuple(tokens), scores, tuple(sequences), details)
 
     def _filter(
@@ -335,76 +329,3 @@ class ReCIT:
         tokens = [t for t in gains if t not in special]
         details["filtered"] = len(tokens)
         return Reconstruction(tuple(tokens), tuple(-gains[t] for t in tokens), (), details)
-
-    def _pair(self, layers: PrefixLayers, bases: list[Tensor], tokens: list[int]) -> list[tuple[int, ...]]:
-        """Grow sentences from each start token; keep each start's best finished one."""
-        vocabulary = torch.tensor(tokens)
-        relative = _relative_distance(bases, layers.last_position(vocabulary.unsqueeze(1)).layer_inputs)
-        starts = [tokens[i] for i in torch.argsort(relative).tolist() if relative[i] < self.pairing_ratio]
-        found: list[tuple[tuple[int, ...], float]] = []
-        for start in starts[: self.max_starts]:
-            found += self._grow(layers, bases, vocabulary, start)
-        return longest_distinct(found)
-
-    def _grow(
-        self, layers: PrefixLayers, bases: list[Tensor], vocabulary: Tensor, start: int
-    ) -> list[tuple[tuple[int, ...], float]]:
-        """A beam search from ``start``: extensions closer than ``pairing_ratio``, best first.
-
-        Each step's extensions are their own reference: nearly all of them are wrong, so
-        an extension's distance relative to their median says how much better than a
-        wrong one it fits: 0 where the span is exact (small batches), a fraction where
-        the prefixes only approximately lie in it.
-        """
-        beams: list[tuple[tuple[int, ...], float]] = [((start,), 0.0)]
-        finished: list[tuple[tuple[int, ...], float]] = []
-        for _ in range(self.max_length - 1):
-            prefixes = torch.tensor([list(prefix) for prefix, _ in beams], dtype=torch.long)
-            extended = torch.cat(
-                [prefixes.repeat_interleave(len(vocabulary), 0), vocabulary.repeat(len(beams)).unsqueeze(1)],
-                dim=1,
-            )
-            view = layers.last_position(extended)
-            relative = _relative_distance(bases, view.layer_inputs).view(len(beams), -1)
-            scores = relative - self.lm_weight * view.log_probs.view(len(beams), -1)
-            candidates = []
-            for b, (prefix, total) in enumerate(beams):
-                passing = [
-                    i
-                    for i in torch.nonzero(relative[b] < self.pairing_ratio).flatten().tolist()
-                    if not repeats_its_only_token(prefix, int(vocabulary[i]))
-                    and not _repeats_a_trigram(prefix, int(vocabulary[i]))
-                ]
-                if not passing:
-                    finished.append((prefix, total / len(prefix)))
-                candidates += [((*prefix, int(vocabulary[i])), total + float(scores[b, i])) for i in passing]
-            if not candidates:
-                break
-            beams = sorted(candidates, key=lambda c: c[1] / len(c[0]))[: self.beam_width]
-        else:
-            finished += [(prefix, total / len(prefix)) for prefix, total in beams]
-        return [min(finished, key=lambda f: f[1])]
-
-
-def _relative_distance(bases: list[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
-    """Each candidate's span distance relative to the candidates' median, averaged over layers.
-
-    0 where every layer's span is exact and holds the candidate; about 1 for a wrong one.
-    """
-    total = torch.zeros(inputs[0].shape[0], dtype=torch.float64)
-    for basis, layer_inputs in zip(bases, inputs, strict=True):
-        distances = distance_to_span(basis, layer_inputs)
-        total += distances / distances.median().clamp_min(1e-12)
-    return total / len(bases)
-
-
-def _repeats_a_trigram(prefix: tuple[int, ...], token: int) -> bool:
-    """Whether ``prefix`` + ``token`` ends in a trigram it already holds.
-
-    Past the exact regime a loop ("as long as long as") stays close to the span at
-    every step; real sentences rarely repeat a trigram, so the search forbids it.
-    """
-    if len(prefix) < 2:
-        return False
-    last = (*prefix[-2:], token)
-    return any(prefix[i : i + 3] == last for i in range(len(prefix) - 2))

@@ -7,6 +7,8 @@ a time: DAGER's way (with the second layer) of turning a token set into sequence
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -58,14 +60,65 @@ class PrefixLayers:
             out = self._model(
                 input_ids=token_ids, attention_mask=torch.ones_like(token_ids), output_hidden_states=True
             )
-            inputs = tuple(
-                norm(out.hidden_states[layer][:, -1]).double()
-                for layer, norm in zip(self.layers, self._norms, strict=True)
-            )
+            inputs = self._inputs(out.hidden_states, -1)
             if token_ids.shape[1] < 2:
                 return PrefixViews(inputs, inputs[0].new_zeros(token_ids.shape[0]))
             log_probs = torch.log_softmax(out.logits[:, -2].double(), dim=-1)
             return PrefixViews(inputs, log_probs.gather(1, token_ids[:, -1:]).squeeze(1))
+
+    def extensions(self, prefix: Tensor, vocabulary: Tensor) -> PrefixViews:
+        """:meth:`last_position` of ``prefix`` extended by each token of ``vocabulary``, from one cache.
+
+        The prefix runs once; its keys and values are shared by every extension, so
+        a step costs one token per candidate instead of the whole prefix again.
+
+        Args:
+            prefix: ``(length,)`` token ids.
+            vocabulary: ``(n,)`` candidate next tokens.
+
+        """
+        hf, inner = unwrap(self._model)
+        with torch.no_grad():
+            out = inner(input_ids=prefix.unsqueeze(0), use_cache=True)
+            log_probs = torch.log_softmax(hf.lm_head(out.last_hidden_state[:, -1]).double(), dim=-1)[0]
+            cache_name = _cache_argument(inner)
+            cache = out[cache_name]
+            cache.batch_repeat_interleave(len(vocabulary))
+            extended = inner(
+                input_ids=vocabulary.unsqueeze(1),
+                attention_mask=torch.ones(len(vocabulary), len(prefix) + 1, dtype=torch.long),
+                output_hidden_states=True,
+                **{cache_name: cache},
+            )
+        return PrefixViews(self._inputs(extended.hidden_states, -1), log_probs[vocabulary])
+
+    def sentence(self, token_ids: Tensor) -> tuple[Tensor, ...]:
+        """Every layer's ``(length, d)`` inputs at every position of one ``(length,)`` sentence."""
+        _, inner = unwrap(self._model)
+        with torch.no_grad():
+            out = inner(input_ids=token_ids.unsqueeze(0), output_hidden_states=True)
+        return tuple(states[0] for states in self._inputs(out.hidden_states, slice(None)))
+
+    def subset(self, chosen: Sequence[int]) -> PrefixLayers:
+        """The same view restricted to the layers ``chosen`` (indices into :attr:`layers`)."""
+        return PrefixLayers(
+            tuple(self.layers[i] for i in chosen),
+            tuple(self.lora_a_names[i] for i in chosen),
+            self._model,
+            tuple(self._norms[i] for i in chosen),
+        )
+
+    def _inputs(self, hidden_states: tuple[Tensor, ...], position: int | slice) -> tuple[Tensor, ...]:
+        """Each chosen layer's normed input at ``position``, float64."""
+        return tuple(
+            norm(hidden_states[layer][:, position]).double()
+            for layer, norm in zip(self.layers, self._norms, strict=True)
+        )
+
+
+def _cache_argument(inner: nn.Module) -> str:
+    """The keyword the installed transformers takes a key/value cache by (renamed in 5.x)."""
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def second_layer_of(model: nn.Module) -> PrefixLayers:
@@ -87,7 +140,8 @@ def prefix_layers_of(model: nn.Module, first: float = 1 / 3, last: float = 2 / 3
 
     """
     depth = len(_decoder(model).layers)
-    return _layers_with_lora(model, range(max(1, int(depth * first)), max(1, int(depth * last)) + 1))
+    deepest = min(depth - 1, max(1, int(depth * last)))
+    return _layers_with_lora(model, range(max(1, int(depth * first)), deepest + 1))
 
 
 def _decoder(model: nn.Module) -> Any:

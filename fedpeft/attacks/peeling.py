@@ -190,10 +190,10 @@ class SentencePeeling:
         that open every sentence with [CLS] or BOS make that token every sentence's
         start, and once one sentence is known its input there is explained.
         """
-        candidates = [(token,) for token in vocabulary.tolist() if token not in taken]
+        candidates: list[tuple[int, ...]] = [(token,) for token in vocabulary.tolist() if token not in taken]
         relative = [self._relative_at(layers, spans, candidates, early)] if candidates else []
         for start in sorted(taken):
-            branches = [(start, token) for token in vocabulary.tolist()]
+            branches: list[tuple[int, ...]] = [(start, token) for token in vocabulary.tolist()]
             candidates += branches
             relative.append(self._relative_at(layers, spans, branches, early))
         if not candidates:
@@ -204,7 +204,7 @@ class SentencePeeling:
 
     @staticmethod
     def _relative_at(
-        layers: PrefixLayers, spans: ProjectedSpans, prefixes: list[tuple[int, ...]], chosen: range
+        layers: PrefixLayers, spans: ProjectedSpans, prefixes: Sequence[tuple[int, ...]], chosen: range
     ) -> Tensor:
         """Relative distance of equally long ``prefixes`` at their last position (against each other)."""
         return spans.relative_distance(layers.last_position(torch.tensor(prefixes)).layer_inputs, chosen)

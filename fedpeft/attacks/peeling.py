@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fedpeft.attacks.second_layer import PrefixLayers
 from fedpeft.attacks.sequence_assembly import repeats_its_only_token
-from fedpeft.attacks.span import distance_to_span, row_span_basis
+from fedpeft.attacks.span import distance_to_span
 
 
 class ProjectedSpans:
@@ -61,7 +61,9 @@ class ProjectedSpans:
             basis = _orthonormal(torch.cat(states)) if states else layer_rows.new_zeros(len(layer_rows.T), 0)
             residual = layer_rows - (layer_rows @ basis) @ basis.T
             self._known.append(basis)
-            self._bases.append(row_span_basis([residual], rank_tolerance))
+            # Ranked against the rows themselves, not against what is left: rows the
+            # known sentences explain whole leave rounding noise, which spans nothing.
+            self._bases.append(_orthonormal(residual, rank_tolerance, reference=layer_rows))
             left += float(residual.norm() / layer_rows.norm().clamp_min(1e-300))
         self.unexplained = left / len(rows)
         """Mean over layers of ``||rows left|| / ||rows||``: 0 once the known sentences make up the rows."""
@@ -117,7 +119,7 @@ class SentencePeeling:
     pairing_ratio: float = 0.3
     sweeps: int = 2
     max_sentences: int = 16
-    max_length: int = 40
+    max_length: int = 64
     lm_weight: float = 0.02
     explained: float = 1e-3
     rank_tolerance: float = 1e-5
@@ -160,7 +162,7 @@ class SentencePeeling:
             start = self._start(layers, spans, vocabulary, early, {sentence[0] for sentence in grown})
             if start is None:
                 break
-            sentence, steps = self._grow(layers, spans, vocabulary, start, late)
+            sentence, steps = self._grow(layers, rows, inputs, vocabulary, start, late)
             starts.append(start)
             grown.append(sentence)
             closeness.append(steps)
@@ -168,8 +170,8 @@ class SentencePeeling:
         for _ in range(self.sweeps if len(grown) > 1 else 0):
             changed = False
             for i, sentence in enumerate(grown):
-                spans = ProjectedSpans(rows, inputs[:i] + inputs[i + 1 :], self.rank_tolerance)
-                grown[i], closeness[i] = self._grow(layers, spans, vocabulary, starts[i], late)
+                others = inputs[:i] + inputs[i + 1 :]
+                grown[i], closeness[i] = self._grow(layers, rows, others, vocabulary, starts[i], late)
                 if grown[i] != sentence:
                     changed = True
                     inputs[i] = layers.sentence(torch.tensor(grown[i]))
@@ -212,15 +214,26 @@ class SentencePeeling:
     def _grow(
         self,
         layers: PrefixLayers,
-        spans: ProjectedSpans,
+        rows: list[Tensor],
+        others: list[tuple[Tensor, ...]],
         vocabulary: Tensor,
         start: tuple[int, ...],
         late: range,
     ) -> tuple[tuple[int, ...], list[float]]:
-        """``start`` extended greedily to ``max_length``, and each extension's relative distance."""
+        """``start`` extended greedily to ``max_length``, and each extension's relative distance.
+
+        The sentence's own prefix is projected out too, step by step: what is left
+        combines its inputs still to come, so a sentence longer than the rank (a
+        planted message of ~50 tokens against 24) comes back within it once its first
+        half is read.
+        """
         sentence, closeness = list(start), []
         while len(sentence) < self.max_length:
-            view = layers.extensions(torch.tensor(sentence), vocabulary)
+            prefix = torch.tensor(sentence)
+            spans = ProjectedSpans(rows, [*others, layers.sentence(prefix)], self.rank_tolerance)
+            if spans.unexplained < self.explained:  # nothing is left for a next token to explain
+                break
+            view = layers.extensions(prefix, vocabulary)
             relative = spans.relative_distance(view.layer_inputs, late)
             scores = relative - self.lm_weight * view.log_probs
             for index, token in enumerate(vocabulary.tolist()):
@@ -251,7 +264,12 @@ def repeats_a_trigram(prefix: Sequence[int], token: int) -> bool:
     return any(tuple(prefix[i : i + 3]) == last for i in range(len(prefix) - 2))
 
 
-def _orthonormal(vectors: Tensor, tolerance: float = 1e-8) -> Tensor:
-    """``(d, k)`` orthonormal basis of the rows of ``vectors`` (repeated rows count once)."""
+def _orthonormal(vectors: Tensor, tolerance: float = 1e-8, reference: Tensor | None = None) -> Tensor:
+    """``(d, k)`` orthonormal basis of the rows of ``vectors`` (repeated rows count once).
+
+    Singular values below ``tolerance`` times the largest of ``reference`` (default:
+    ``vectors``) count as zero.
+    """
     _, singular, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
-    return vh[singular > tolerance * singular[0]].T
+    scale = singular[0] if reference is None else torch.linalg.matrix_norm(reference.double(), ord=2)
+    return vh[singular > tolerance * scale].T.contiguous()

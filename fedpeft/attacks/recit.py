@@ -131,7 +131,7 @@ class ReCIT:
         start_ratio: float = 0.7,
         sweeps: int = 2,
         lm_weight: float = 0.02,
-        max_length: int = 40,
+        max_length: int = 64,
         max_candidates: int = 256,
         max_sentences: int = 16,
         rank_tolerance: float = 1e-5,

@@ -8,12 +8,14 @@ and 83 % of steps (two clients, the middle layers' relative distance).
 
 Were every other sentence of the batch known, projecting their inputs out of the rows
 would leave combinations of one sentence's inputs alone: fewer than the rank, so the
-span is exact again, and the true next token ranks first at every step (111 of 111
-steps on the same clients). The peeling gets there by alternating:
+span is exact again, and the true next token ranks first at every step (of every
+sentence of the same clients). The peeling gets there by alternating:
 
 1. **Peel.** The likeliest start token (its input at position 0 of the early layers,
    scored against the rows with the sentences found so far projected out) is grown
-   greedily to ``max_length``, and its inputs are projected out in turn; until the rows
+   greedily to ``max_length`` or until nothing is left to explain, with its own prefix
+   projected out as it grows (so a sentence longer than the rank comes within it once
+   its first part is read), and its inputs are projected out in turn; until the rows
    are explained, or no start is closer than ``start_ratio``.
 2. **Sweep.** Each sentence is grown again from its start with every other sentence
    projected out. Wrong tokens in the others cost little (their inputs remove a few of

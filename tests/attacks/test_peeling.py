@@ -16,6 +16,13 @@ from tests.attacks.test_token_set import SENTENCES, fedsgd_observation, maliciou
 from tests.conftest import save_tiny_llama
 
 
+def _decoder(folder: Path, r: int) -> LoadedModel:
+    """The Llama in ``folder`` with LoRA of rank ``r`` on q/k/v and no dropout."""
+    targets = ["q_proj", "k_proj", "v_proj"]
+    adapter = AdapterConfig(method="lora", r=r, lora_dropout=0.0, target_modules=targets)  # type: ignore[call-arg]
+    return no_dropout(build_model(ModelConfig(name_or_path=str(folder), task="causal-lm"), adapter))
+
+
 @pytest.fixture(scope="module")
 def saturated(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path):
     """Two sentences (19 inputs per layer) against a stacked rank of 12 (r = 4 on q/k/v) in a
@@ -23,10 +30,7 @@ def saturated(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Pa
     folder = save_tiny_llama(
         tmp_path_factory.mktemp("peel-llama"), minilm_tokenizer_dir, hidden_size=256, layers=3
     )
-    adapter = AdapterConfig(
-        method="lora", r=4, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]
-    )  # type: ignore[call-arg]
-    loaded = no_dropout(build_model(ModelConfig(name_or_path=str(folder), task="causal-lm"), adapter))
+    loaded = _decoder(folder, r=4)
     sent = malicious_global_state(loaded)
     observation, truth = fedsgd_observation(loaded, sent, SENTENCES, "causal-lm")
     load_adapter_state(loaded.model, sent)
@@ -96,5 +100,23 @@ def test_a_one_layer_view_scores_starts_and_extensions_with_the_same_layer(tiny_
     load_adapter_state(tiny_llama.model, observation.global_state)
     layers = prefix_layers_of(tiny_llama.model, 0.0, 2 / 3)
     assert layers.layers == (1,)
+    found = SentencePeeling().sentences(layers, observation.gradient_estimate(), sorted(set(truth[0])))
+    assert found == [tuple(truth[0][:-1])]
+
+
+def test_a_sentence_longer_than_the_rank_is_read_once_its_prefix_is_projected_out(
+    tmp_path: Path, minilm_tokenizer_dir: Path
+) -> None:
+    # r = 2 on q/k/v: a stacked rank of 6 against one sentence's 9 inputs.
+    folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, hidden_size=256, layers=3)
+    loaded = _decoder(folder, r=2)
+    observation, truth = fedsgd_observation(
+        loaded, malicious_global_state(loaded), SENTENCES[1:], "causal-lm"
+    )
+    load_adapter_state(loaded.model, observation.global_state)
+    loaded.model.eval()
+    layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
+    rows = _rows(layers, observation.gradient_estimate())
+    assert len(truth[0]) - 1 > rows[0].shape[0]
     found = SentencePeeling().sentences(layers, observation.gradient_estimate(), sorted(set(truth[0])))
     assert found == [tuple(truth[0][:-1])]

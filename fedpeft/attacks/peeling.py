@@ -49,38 +49,45 @@ class ProjectedSpans:
         rows: Per layer, the ``(m, d)`` stacked LoRA A gradient rows.
         known: Per known sentence, per layer, its ``(length, d)`` inputs.
         rank_tolerance: Relative singular-value cut-off of the spans.
+        layers: The layers (indices into ``rows``) to project and score; default all.
 
     """
 
     def __init__(
-        self, rows: Sequence[Tensor], known: Sequence[tuple[Tensor, ...]], rank_tolerance: float
+        self,
+        rows: Sequence[Tensor],
+        known: Sequence[tuple[Tensor, ...]],
+        rank_tolerance: float,
+        layers: Sequence[int] | None = None,
     ) -> None:
-        self._known: list[Tensor] = []
-        self._bases: list[Tensor] = []
+        self.layers = range(len(rows)) if layers is None else layers
+        self._known: dict[int, Tensor] = {}
+        self._bases: dict[int, Tensor] = {}
         left = 0.0
-        for layer, layer_rows in enumerate(rows):
+        for layer in self.layers:
+            layer_rows = rows[layer]
             states = [sentence[layer] for sentence in known]
             basis = _orthonormal(torch.cat(states)) if states else layer_rows.new_zeros(len(layer_rows.T), 0)
             residual = layer_rows - (layer_rows @ basis) @ basis.T
-            self._known.append(basis)
+            self._known[layer] = basis
             # Ranked against the rows themselves, not against what is left: rows the
             # known sentences explain whole leave rounding noise, which spans nothing.
-            self._bases.append(_orthonormal(residual, rank_tolerance, reference=layer_rows))
+            self._bases[layer] = _orthonormal(residual, rank_tolerance, reference=layer_rows)
             left += float(residual.norm() / layer_rows.norm().clamp_min(1e-300))
-        self.unexplained = left / len(rows)
-        """Mean over layers of ``||rows left|| / ||rows||``: 0 once the known sentences make up the rows."""
+        self.unexplained = left / len(self.layers)
+        """Mean over the layers of ``||rows left|| / ||rows||`` (0: the known sentences make up the rows)."""
 
-    def relative_distance(self, inputs: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
+    def relative_distance(self, inputs: Sequence[Tensor]) -> Tensor:
         """Each candidate's distance to what is left of the span, relative to the candidates' median.
 
-        Averaged over ``layers`` (indices into ``inputs``): 0 where the spans are exact
-        and hold the candidate, about 1 for a wrong one.
+        Averaged over the spans' layers (``inputs`` holds every layer's): 0 where the
+        spans are exact and hold the candidate, about 1 for a wrong one.
         """
         total = torch.zeros(inputs[0].shape[0], dtype=torch.float64)
-        for layer in layers:
+        for layer in self.layers:
             distances = self.distance(layer, inputs[layer])
             total += distances / distances.median().clamp_min(1e-12)
-        return total / len(layers)
+        return total / len(self.layers)
 
     def distance(self, layer: int, inputs: Tensor) -> Tensor:
         """``(n,)`` distance of each input's unexplained part to what is left of ``layer``'s span.
@@ -158,10 +165,10 @@ class SentencePeeling:
         closeness: list[list[float]] = []  # each sentence's extensions, from its last growth
         inputs: list[tuple[Tensor, ...]] = []
         while len(grown) < self.max_sentences:
-            spans = ProjectedSpans(rows, inputs, self.rank_tolerance)
+            spans = ProjectedSpans(rows, inputs, self.rank_tolerance, early)
             if spans.unexplained < self.explained:
                 break
-            start = self._start(layers, spans, vocabulary, early, {sentence[0] for sentence in grown})
+            start = self._start(layers, spans, vocabulary, {sentence[0] for sentence in grown})
             if start is None:
                 break
             sentence, steps = self._grow(layers, rows, inputs, vocabulary, start, late)
@@ -186,7 +193,7 @@ class SentencePeeling:
         return [sentence for sentence in trimmed if len(sentence) > 1]  # a start alone orders nothing
 
     def _start(
-        self, layers: PrefixLayers, spans: ProjectedSpans, vocabulary: Tensor, early: range, taken: set[int]
+        self, layers: PrefixLayers, spans: ProjectedSpans, vocabulary: Tensor, taken: set[int]
     ) -> tuple[int, ...] | None:
         """The prefix likeliest to open a sentence not found yet, if one is closer than ``start_ratio``.
 
@@ -195,11 +202,11 @@ class SentencePeeling:
         start, and once one sentence is known its input there is explained.
         """
         candidates: list[tuple[int, ...]] = [(token,) for token in vocabulary.tolist() if token not in taken]
-        relative = [self._relative_at(layers, spans, candidates, early)] if candidates else []
+        relative = [self._relative_at(layers, spans, candidates)] if candidates else []
         for start in sorted(taken):
             branches: list[tuple[int, ...]] = [(start, token) for token in vocabulary.tolist()]
             candidates += branches
-            relative.append(self._relative_at(layers, spans, branches, early))
+            relative.append(self._relative_at(layers, spans, branches))
         if not candidates:
             return None
         closeness = torch.cat(relative)
@@ -208,10 +215,10 @@ class SentencePeeling:
 
     @staticmethod
     def _relative_at(
-        layers: PrefixLayers, spans: ProjectedSpans, prefixes: Sequence[tuple[int, ...]], chosen: range
+        layers: PrefixLayers, spans: ProjectedSpans, prefixes: Sequence[tuple[int, ...]]
     ) -> Tensor:
         """Relative distance of equally long ``prefixes`` at their last position (against each other)."""
-        return spans.relative_distance(layers.last_position(torch.tensor(prefixes)).layer_inputs, chosen)
+        return spans.relative_distance(layers.last_position(torch.tensor(prefixes)).layer_inputs)
 
     def _grow(
         self,
@@ -231,12 +238,11 @@ class SentencePeeling:
         """
         sentence, closeness = list(start), []
         while len(sentence) < self.max_length:
-            prefix = torch.tensor(sentence)
-            spans = ProjectedSpans(rows, [*others, layers.sentence(prefix)], self.rank_tolerance)
+            view, own = layers.extensions(torch.tensor(sentence), vocabulary)
+            spans = ProjectedSpans(rows, [*others, own], self.rank_tolerance, late)
             if spans.unexplained < self.explained:  # nothing is left for a next token to explain
                 break
-            view = layers.extensions(prefix, vocabulary)
-            relative = spans.relative_distance(view.layer_inputs, late)
+            relative = spans.relative_distance(view.layer_inputs)
             scores = relative - self.lm_weight * view.log_probs
             for index, token in enumerate(vocabulary.tolist()):
                 if repeats_its_only_token(tuple(sentence), token) or repeats_a_trigram(sentence, token):

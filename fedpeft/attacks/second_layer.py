@@ -66,11 +66,12 @@ class PrefixLayers:
             log_probs = torch.log_softmax(out.logits[:, -2].double(), dim=-1)
             return PrefixViews(inputs, log_probs.gather(1, token_ids[:, -1:]).squeeze(1))
 
-    def extensions(self, prefix: Tensor, vocabulary: Tensor) -> PrefixViews:
+    def extensions(self, prefix: Tensor, vocabulary: Tensor) -> tuple[PrefixViews, tuple[Tensor, ...]]:
         """:meth:`last_position` of ``prefix`` extended by each token of ``vocabulary``, from one cache.
 
         The prefix runs once; its keys and values are shared by every extension, so
-        a step costs one token per candidate instead of the whole prefix again.
+        a step costs one token per candidate instead of the whole prefix again. That
+        run's inputs come back too, as :meth:`sentence` gives them.
 
         Args:
             prefix: ``(length,)`` token ids.
@@ -78,10 +79,10 @@ class PrefixLayers:
 
         """
         hf, inner = unwrap(self._model)
+        cache_name = _cache_argument(inner)
         with torch.no_grad():
-            out = inner(input_ids=prefix.unsqueeze(0), use_cache=True)
+            out = inner(input_ids=prefix.unsqueeze(0), use_cache=True, output_hidden_states=True)
             log_probs = torch.log_softmax(hf.lm_head(out.last_hidden_state[:, -1]).double(), dim=-1)[0]
-            cache_name = _cache_argument(inner)
             cache = out[cache_name]
             cache.batch_repeat_interleave(len(vocabulary))
             extended = inner(
@@ -90,7 +91,8 @@ class PrefixLayers:
                 output_hidden_states=True,
                 **{cache_name: cache},
             )
-        return PrefixViews(self._inputs(extended.hidden_states, -1), log_probs[vocabulary])
+        views = PrefixViews(self._inputs(extended.hidden_states, -1), log_probs[vocabulary])
+        return views, tuple(states[0] for states in self._inputs(out.hidden_states, slice(None)))
 
     def sentence(self, token_ids: Tensor) -> tuple[Tensor, ...]:
         """Every layer's ``(length, d)`` inputs at every position of one ``(length,)`` sentence."""

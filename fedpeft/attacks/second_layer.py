@@ -8,7 +8,6 @@ a time: DAGER's way (with the second layer) of turning a token set into sequence
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -100,15 +99,6 @@ class PrefixLayers:
         with torch.no_grad():
             out = inner(input_ids=token_ids.unsqueeze(0), output_hidden_states=True)
         return tuple(states[0] for states in self._inputs(out.hidden_states, slice(None)))
-
-    def subset(self, chosen: Sequence[int]) -> PrefixLayers:
-        """The same view restricted to the layers ``chosen`` (indices into :attr:`layers`)."""
-        return PrefixLayers(
-            tuple(self.layers[i] for i in chosen),
-            tuple(self.lora_a_names[i] for i in chosen),
-            self._model,
-            tuple(self._norms[i] for i in chosen),
-        )
 
     def _inputs(self, hidden_states: tuple[Tensor, ...], position: int | slice) -> tuple[Tensor, ...]:
         """Each chosen layer's normed input at ``position``, float64."""

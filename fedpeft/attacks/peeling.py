@@ -120,6 +120,7 @@ class SentencePeeling:
         explained: Peeling stops once the rows left are below this share of the rows
             (float32 gradients leave ~1e-6 once every sentence is known; a short
             sentence can make up as little as 2 % of the rows).
+        max_branch: Longest first part a new sentence may share with one found already.
         rank_tolerance: Relative singular-value cut-off of the spans.
 
     """
@@ -131,16 +132,20 @@ class SentencePeeling:
     max_length: int = 64
     lm_weight: float = 0.02
     explained: float = 1e-3
+    max_branch: int = 8
     rank_tolerance: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("start_ratio", "pairing_ratio", "explained"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        if self.sweeps < 0 or min(self.max_sentences, self.max_length) < 1 or self.lm_weight < 0:
+        if (
+            min(self.sweeps, self.max_branch, self.lm_weight) < 0
+            or min(self.max_sentences, self.max_length) < 1
+        ):
             raise ValueError(
-                "sweeps and lm_weight must be >= 0, max_sentences and max_length >= 1; got "
-                f"{self.sweeps}, {self.lm_weight}, {self.max_sentences}, {self.max_length}"
+                "sweeps, max_branch and lm_weight must be >= 0, max_sentences and max_length >= 1; got "
+                f"{self.sweeps}, {self.max_branch}, {self.lm_weight}, {self.max_sentences}, {self.max_length}"
             )
 
     def sentences(
@@ -168,7 +173,7 @@ class SentencePeeling:
             spans = ProjectedSpans(rows, inputs, self.rank_tolerance, early)
             if spans.unexplained < self.explained:
                 break
-            start = self._start(layers, spans, vocabulary, {sentence[0] for sentence in grown})
+            start = self._start(layers, spans, vocabulary, grown)
             if start is None:
                 break
             sentence, steps = self._grow(layers, rows, inputs, vocabulary, start, late)
@@ -179,6 +184,10 @@ class SentencePeeling:
         for _ in range(self.sweeps if len(grown) > 1 else 0):
             changed = False
             for i, sentence in enumerate(grown):
+                # The first tokens it shares with another sentence are explained by that
+                # one's inputs, so they cannot be checked: it grows again after them.
+                shared = max(_common_prefix(sentence, other) for j, other in enumerate(grown) if j != i)
+                starts[i] = sentence[: max(len(starts[i]), shared)]
                 others = inputs[:i] + inputs[i + 1 :]
                 grown[i], closeness[i] = self._grow(layers, rows, others, vocabulary, starts[i], late)
                 if grown[i] != sentence:
@@ -193,20 +202,26 @@ class SentencePeeling:
         return [sentence for sentence in trimmed if len(sentence) > 1]  # a start alone orders nothing
 
     def _start(
-        self, layers: PrefixLayers, spans: ProjectedSpans, vocabulary: Tensor, taken: set[int]
+        self, layers: PrefixLayers, spans: ProjectedSpans, vocabulary: Tensor, grown: list[tuple[int, ...]]
     ) -> tuple[int, ...] | None:
         """The prefix likeliest to open a sentence not found yet, if one is closer than ``start_ratio``.
 
-        A new start token, or a start already taken and a second token: tokenizers
-        that open every sentence with [CLS] or BOS make that token every sentence's
-        start, and once one sentence is known its input there is explained.
+        A new start token, or a branch off a sentence found already: its first ``k``
+        tokens (``k`` up to ``max_branch``) and another next token. Tokenizers that
+        open every sentence with [CLS] or BOS, and templated text ("Hello, my name
+        is ..."), make sentences share their first tokens, whose inputs the first
+        sentence found explains whole.
         """
+        taken = {sentence[0] for sentence in grown}
         candidates: list[tuple[int, ...]] = [(token,) for token in vocabulary.tolist() if token not in taken]
         relative = [self._relative_at(layers, spans, candidates)] if candidates else []
-        for start in sorted(taken):
-            branches: list[tuple[int, ...]] = [(start, token) for token in vocabulary.tolist()]
-            candidates += branches
-            relative.append(self._relative_at(layers, spans, branches))
+        branch_points = {
+            sentence[:k] for sentence in grown for k in range(1, min(len(sentence), self.max_branch + 1))
+        }
+        for prefix in sorted(branch_points):
+            view, _ = layers.extensions(torch.tensor(prefix), vocabulary)
+            candidates += [(*prefix, token) for token in vocabulary.tolist()]
+            relative.append(spans.relative_distance(view.layer_inputs))
         if not candidates:
             return None
         closeness = torch.cat(relative)
@@ -270,6 +285,16 @@ def repeats_a_trigram(prefix: Sequence[int], token: int) -> bool:
         return False
     last = (*prefix[-2:], token)
     return any(tuple(prefix[i : i + 3]) == last for i in range(len(prefix) - 2))
+
+
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    """How many first tokens ``first`` and ``second`` share."""
+    shared = 0
+    for a, b in zip(first, second, strict=False):  # of any lengths
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 def _orthonormal(vectors: Tensor, tolerance: float = 1e-8, reference: Tensor | None = None) -> Tensor:

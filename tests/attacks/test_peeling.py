@@ -120,3 +120,22 @@ def test_a_sentence_longer_than_the_rank_is_read_once_its_prefix_is_projected_ou
     assert len(truth[0]) - 1 > rows[0].shape[0]
     found = SentencePeeling().sentences(layers, observation.gradient_estimate(), sorted(set(truth[0])))
     assert found == [tuple(truth[0][:-1])]
+
+
+def test_sentences_that_share_their_first_words_branch_off_the_first_found(
+    tmp_path: Path, minilm_tokenizer_dir: Path
+) -> None:
+    # Templated text: both open with "[CLS] the quiet river", whose inputs the first
+    # sentence found explains whole.
+    folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, hidden_size=256, layers=3)
+    loaded = _decoder(folder, r=4)
+    texts = ["the quiet river runs past old mills", "the quiet river froze over last winter"]
+    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), texts, "causal-lm")
+    load_adapter_state(loaded.model, observation.global_state)
+    loaded.model.eval()
+    layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
+    gradients = observation.gradient_estimate()
+    tokens = sorted({t for sentence in truth for t in sentence})
+    expected = sorted(tuple(sentence[:-1]) for sentence in truth)
+    assert sorted(SentencePeeling().sentences(layers, gradients, tokens)) == expected
+    assert sorted(SentencePeeling(max_branch=1).sentences(layers, gradients, tokens)) != expected

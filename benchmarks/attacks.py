@@ -159,6 +159,7 @@ def measure_row(
             local_steps=config.train.steps,
             num_examples=result.num_examples,
         )
+        experiment.model.model.to("cpu")  # the client round trains on a GPU where there is one
         started = time.perf_counter()
         reconstruction = attack.reconstruct(observation, experiment.model)
         seconds += time.perf_counter() - started

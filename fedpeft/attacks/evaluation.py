@@ -81,6 +81,9 @@ def attack_captures(
     """Run ``attack`` on each capture and score it against the replayed batch."""
     outcomes = []
     target = experiment.model
+    # The attacks' span algebra runs on the CPU in float64, beside the captured updates;
+    # training on this side (the memorisation boost) may have left the model on a GPU.
+    target.model.to("cpu")
     for index, captured in enumerate(captures, 1):
         experiment.prepare_round(captured.server_round)
         truth = trained_sequences(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpeft.attacks import ATTACKS
+from fedpeft.attacks import ATTACKS, Observation
 from fedpeft.attacks.peeling import ProjectedSpans, SentencePeeling, repeats_a_trigram
 from fedpeft.attacks.second_layer import prefix_layers_of
 from fedpeft.config import AdapterConfig, ModelConfig
@@ -23,6 +23,15 @@ def _decoder(folder: Path, r: int) -> LoadedModel:
     return no_dropout(build_model(ModelConfig(name_or_path=str(folder), task="causal-lm"), adapter))
 
 
+def _observe(folder: Path, r: int, texts: list[str]) -> tuple[LoadedModel, Observation, list[list[int]]]:
+    """One FedSGD step of ``texts`` seen by a malicious server, its model set to what it sent."""
+    loaded = _decoder(folder, r)
+    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), texts, "causal-lm")
+    load_adapter_state(loaded.model, observation.global_state)
+    loaded.model.eval()
+    return loaded, observation, truth
+
+
 @pytest.fixture(scope="module")
 def saturated(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Path):
     """Two sentences (19 inputs per layer) against a stacked rank of 12 (r = 4 on q/k/v) in a
@@ -30,12 +39,7 @@ def saturated(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Pa
     folder = save_tiny_llama(
         tmp_path_factory.mktemp("peel-llama"), minilm_tokenizer_dir, hidden_size=256, layers=3
     )
-    loaded = _decoder(folder, r=4)
-    sent = malicious_global_state(loaded)
-    observation, truth = fedsgd_observation(loaded, sent, SENTENCES, "causal-lm")
-    load_adapter_state(loaded.model, sent)
-    loaded.model.eval()
-    return loaded, observation, truth
+    return _observe(folder, 4, SENTENCES)
 
 
 def _rows(layers, gradients: dict) -> list[torch.Tensor]:
@@ -109,12 +113,7 @@ def test_a_sentence_longer_than_the_rank_is_read_once_its_prefix_is_projected_ou
 ) -> None:
     # r = 2 on q/k/v: a stacked rank of 6 against one sentence's 9 inputs.
     folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, hidden_size=256, layers=3)
-    loaded = _decoder(folder, r=2)
-    observation, truth = fedsgd_observation(
-        loaded, malicious_global_state(loaded), SENTENCES[1:], "causal-lm"
-    )
-    load_adapter_state(loaded.model, observation.global_state)
-    loaded.model.eval()
+    loaded, observation, truth = _observe(folder, 2, SENTENCES[1:])
     layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
     rows = _rows(layers, observation.gradient_estimate())
     assert len(truth[0]) - 1 > rows[0].shape[0]
@@ -128,11 +127,8 @@ def test_sentences_that_share_their_first_words_branch_off_the_first_found(
     # Templated text: both open with "[CLS] the quiet river", whose inputs the first
     # sentence found explains whole.
     folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, hidden_size=256, layers=3)
-    loaded = _decoder(folder, r=4)
     texts = ["the quiet river runs past old mills", "the quiet river froze over last winter"]
-    observation, truth = fedsgd_observation(loaded, malicious_global_state(loaded), texts, "causal-lm")
-    load_adapter_state(loaded.model, observation.global_state)
-    loaded.model.eval()
+    loaded, observation, truth = _observe(folder, 4, texts)
     layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
     gradients = observation.gradient_estimate()
     tokens = sorted({t for sentence in truth for t in sentence})

@@ -342,8 +342,14 @@ class AuditConfig(_Section):
     """Clients whose training data receives the included canaries and examples."""
     shadow_models: int = Field(default=4, ge=0)
     """Shadow adapters for LiRA (0: the loss attack only)."""
+    shadow_training: Literal["federated", "local"] = "federated"
+    """How each shadow is trained: ``federated`` reruns the whole federation in the
+    auditing process (every round's sampled clients train as configured, the codec and
+    aggregator combine them) with the shadow's half of the membership examples planted;
+    ``local`` trains one client on its data and all of that half, a cheaper imitation
+    (rounds x ``train.steps`` steps) that memorises more than a federation does."""
     shadow_steps: int | None = Field(default=None, gt=0)
-    """Local steps of each shadow adapter; unset: rounds x ``train.steps``."""
+    """Local steps of each ``local`` shadow; unset: rounds x ``train.steps``."""
     compare: list[str] = Field(default_factory=lambda: ["none"])
     """Variants ``fedpeft audit`` runs side by side: ``none`` (no DP),
     ``example:<target_epsilon>`` (DP-SGD on clients calibrated to that epsilon at
@@ -371,6 +377,11 @@ class AuditConfig(_Section):
             parse_audit_variant(variant)
         if len(set(self.compare)) != len(self.compare):
             raise ValueError(f"audit.compare: a variant is listed twice in {self.compare}")
+        if self.shadow_steps is not None and self.shadow_training == "federated":
+            raise ValueError(
+                "audit.shadow_steps sets a local shadow's steps; a federated shadow trains as the "
+                "federation does (set audit.shadow_training = 'local', or drop shadow_steps)"
+            )
         return self
 
     @property

@@ -38,6 +38,7 @@ class Experiment:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._tokenized: dict[int, datasets.Dataset] = {}
+        self._built_adapter: AdapterState = {}
 
     @classmethod
     def cached(cls, config: Config) -> Experiment:
@@ -61,6 +62,22 @@ class Experiment:
             return None
         return AuditPlan.build(self.config.audit, self.data.train, self.config.seed, self.num_labels)
 
+    def with_audit_plan(self, plan: AuditPlan) -> Experiment:
+        """The same run with other examples planted: a LiRA shadow's federation.
+
+        Shares what the plan does not change and is already loaded (the data, the model,
+        the codec), so a shadow costs its training only; the partitions, their
+        tokenization and the DP noise calibrated to their sizes follow ``plan``.
+        """
+        other = Experiment(self.config)
+        _ = self.initial_state  # before the shared model trains as the shadow
+        for name in ("data", "num_labels", "model", "initial_state", "device", "codec", "collator"):
+            if name in self.__dict__:  # cached properties live in the instance's __dict__
+                other.__dict__[name] = self.__dict__[name]
+        other._built_adapter = self._built_adapter
+        other.__dict__["audit_plan"] = plan
+        return other
+
     @cached_property
     def partitions(self) -> Partitions:
         """The training split divided among clients (with the audit's insertions, if any)."""
@@ -78,9 +95,13 @@ class Experiment:
     @cached_property
     def model(self) -> LoadedModel:
         """The peft model and tokenizer; the adapter starts at :attr:`initial_state`."""
-        return build_model(
+        loaded = build_model(
             self.config.model, self.config.adapter, num_labels=self.num_labels, seed=self.config.seed
         )
+        # Kept now: whoever trains or loads another adapter before first asking for the
+        # initial state (the audit loads the final one, then trains shadows) must not get theirs.
+        self._built_adapter = adapter_state(loaded.model)
+        return loaded
 
     @cached_property
     def slora(self) -> SloraStages | None:
@@ -95,9 +116,16 @@ class Experiment:
 
     @cached_property
     def initial_state(self) -> AdapterState:
-        """The adapter as initialised under the run seed (the round-0 global adapter)."""
+        """The adapter as initialised under the run seed (the round-0 global adapter).
+
+        The same whenever it is first read, also after the model was trained or loaded
+        with another adapter (SLoRA aside: its first stage builds its tensors here).
+        """
+        model = self.model.model
+        if self.slora is None:
+            return dict(self._built_adapter)
         self.prepare_round(1)
-        return adapter_state(self.model.model)
+        return adapter_state(model)
 
     def train_config_for(self, server_round: int) -> TrainConfig:
         """Local training settings of ``server_round`` (SLoRA's stage 1 may set its own lr)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -18,3 +19,10 @@ def format_cell(value: Any, digits: int = 3, missing: str = "∞") -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def shadow_training(settings: Mapping[str, Any]) -> str:
+    """How the report's shadow models were trained, in words (older reports: locally)."""
+    if settings.get("shadow_training", "local") == "federated":
+        return "each a rerun of the federation"
+    return "each one client's local training"

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from fedpeft.audit.cells import format_cell
+from fedpeft.audit.cells import format_cell, shadow_training
 
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
@@ -66,7 +66,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
         f"codec {escape(s['codec'])}, aggregator {escape(s['aggregator'])}. Planted in client(s) "
         f"{escape(', '.join(map(str, s['audit_clients'])))}: {s['canaries']} canaries "
         f"(×{s['canary_repetitions']} each when inserted), {s['membership_examples']} membership examples; "
-        f"{s['shadow_models']} shadow models.</p>",
+        f"{s['shadow_models']} shadow models ({escape(shadow_training(s))}).</p>",
     ]
     for flag in report["flags"]:
         out.append(f"<div class='flag'>⚠ {escape(flag['variant'])}: {escape(flag['message'])}</div>")

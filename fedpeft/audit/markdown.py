@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.audit.cells import format_cell
+from fedpeft.audit.cells import format_cell, shadow_training
 
 
 def _cell(value: Any, missing: str = "∞") -> str:
@@ -31,7 +31,7 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
         f"steps of batch {s['batch_size']}. Planted in client(s) {', '.join(map(str, s['audit_clients']))}: "
         f"{s['canaries']} canaries (x{s['canary_repetitions']}), "
         f"{s['membership_examples']} membership examples; "
-        f"{s['shadow_models']} shadow models.",
+        f"{s['shadow_models']} shadow models ({shadow_training(s)}).",
         "",
     ]
     for flag in report["flags"]:

@@ -140,6 +140,7 @@ def membership_section(
         "auc_null_std": auc_null_std(sum(members), len(members) - sum(members)),
         "shadow_models": 0 if shadows is None else len(shadows.losses),
         "shadow_steps": None if shadows is None else shadows.steps,
+        "shadow_training": None if shadows is None else shadows.training,
         "attacks": attacks,
         "scores": scores,
         "included": members,

@@ -18,11 +18,11 @@ Every score here is "higher means more likely a member".
   side); an example without an IN (OUT) shadow uses the mean over examples.
 
 Notes:
-    The shadows fedpeft trains mimic one client's local training over every round (see
-    :mod:`fedpeft.audit.shadows`), not the whole federation, so their IN/OUT Gaussians
-    are calibrated to a model that memorises more strongly than the FedAvg average.
-    The ratio is then miscalibrated in scale but keeps its per-example ordering, which
-    is what ROC metrics measure.
+    By default each shadow reruns the federation (see :mod:`fedpeft.audit.shadows`), so
+    its IN/OUT Gaussians describe the same kind of model as the target: a FedAvg
+    average, not one client's. The cheaper ``local`` shadows memorise more strongly than
+    the average; the ratio is then miscalibrated in scale but keeps much of its
+    per-example ordering, which is what ROC metrics measure.
 
 """
 

@@ -17,7 +17,8 @@ mean "no leak" (a held-out *test* split would differ in length and source).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import datasets
 
@@ -103,6 +104,13 @@ class AuditPlan:
             clients=tuple(audit.clients),
             repetitions=audit.canary_repetitions,
         )
+
+    def with_membership(self, included: Sequence[bool]) -> AuditPlan:
+        """The same plan with other membership examples included (a LiRA shadow's half)."""
+        if len(included) != len(self.examples):
+            raise ValueError(f"{len(included)} inclusion flags for {len(self.examples)} membership examples")
+        examples = tuple(replace(e, included=bool(i)) for e, i in zip(self.examples, included, strict=True))
+        return replace(self, examples=examples)
 
     def base_partitions(self, config: PartitionConfig, seed: int) -> Partitions:
         """The partitions of :attr:`remaining`, before anything is inserted."""

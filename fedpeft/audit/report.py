@@ -214,6 +214,7 @@ def build_report(config: Config, variants: list[dict[str, Any]]) -> dict[str, An
             "references": audit.references,
             "membership_examples": audit.membership_examples,
             "shadow_models": audit.shadow_models,
+            "shadow_training": audit.shadow_training,
             "confidence": audit.confidence,
             "compare": audit.compare,
         },

@@ -64,7 +64,6 @@ def _leaky_config(folder: Path, tokenizer_dir: Path) -> dict[str, Any]:
             "membership_examples": 80,
             "clients": [0, 1],
             "shadow_models": 2,
-            "shadow_steps": 320,
             "compare": ["none", "example:0.5"],
         },
     }
@@ -212,3 +211,31 @@ def assert_not_blank(png: Path) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
     inked_rows = (gray < 200).any(axis=1).mean()
     assert inked_rows > 0.3, f"only {100 * inked_rows:.0f} % of rows hold any ink"
+
+
+def test_a_federated_shadow_given_the_targets_half_is_the_target_again(audited: Path) -> None:
+    # Every client trains in every round here, so a shadow federation with the target's
+    # own examples planted retraces the Flower run: what makes shadows "trained the way
+    # the target was". With the other half it ends elsewhere.
+    from fedpeft.audit.shadows import federate_shadow
+    from fedpeft.audit.variants import variant_config
+    from fedpeft.checkpoint import load_checkpoint
+    from fedpeft.config import load_config
+    from fedpeft.experiment import Experiment
+    from fedpeft.models import adapter_state
+
+    experiment = Experiment(variant_config(load_config(audited / "audit-config.toml"), "none"))
+    plan = experiment.audit_plan
+    assert plan is not None and _variant(audited, "none")["membership"]["shadow_training"] == "federated"
+    checkpoint = load_checkpoint(audited / "runs" / "none")
+    assert checkpoint is not None
+    target = checkpoint.global_state
+
+    def distance(mask: list[bool]) -> float:
+        federate_shadow(experiment.with_audit_plan(plan.with_membership(mask)), shadow=0)
+        state = adapter_state(experiment.model.model)
+        return max(float((state[n] - target[n]).abs().max() / target[n].abs().max()) for n in target)
+
+    same = distance([e.included for e in plan.examples])
+    other = distance([not e.included for e in plan.examples])
+    assert same < 1e-3 and other > 100 * same, (same, other)

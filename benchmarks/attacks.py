@@ -71,6 +71,14 @@ def main() -> None:
     parser.add_argument("--privacy", default=",".join(PRIVACY_BY_NAME), help="none, eps8, eps1")
     parser.add_argument("--clients", type=int, default=2, help="clients (batches) per row")
     parser.add_argument("--pii", action="store_true", help="plant a secret in every training text")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.train=../shared/data/agnews/train.tsv (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/attacks.json")
     args = parser.parse_args()
     args.records = plant_train_file(args) if args.pii else []
@@ -81,7 +89,7 @@ def main() -> None:
         f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
-    base = load_config(args.config)
+    base = load_config(args.config, args.overrides)
     causal = base.model.task == "causal-lm"
     args.partitions = base.partition.num_clients
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -120,6 +128,7 @@ def measure_row(
     """One attack on ``args.clients`` clients' updates, each made by the real client round."""
     kind, options = CODECS_BY_NAME[codec_name]
     overrides = [
+        *args.overrides,
         f"train.batch_size={batch_size}",
         f"federation.codec={kind}",
         f"federation.codec_options={options}",
@@ -138,8 +147,13 @@ def measure_row(
     attack_options: dict[str, Any] = {}
     if attack_name == "lm_prior":
         attack_options = {"num_sequences": batch_size, "length": config.data.max_length}
-    if attack_name == "unigram_prior":  # about an SST-2 sentence's distinct tokens per example
-        attack_options = {"num_tokens": 12 * batch_size}
+    if attack_name == "unigram_prior":  # about a sentence's distinct tokens per example, from public
+        # text of the same kind: the config's test split, disjoint from what the clients hold
+        attack_options = {
+            "num_tokens": 12 * batch_size,
+            "reference": config.data.test,
+            "text_column": config.data.text_column,
+        }
     attack = ATTACKS.build(attack_name, attack_options, "attack.options")
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -208,7 +222,7 @@ def latest_experiment(config: Config) -> Experiment:
 
 def plant_train_file(args: argparse.Namespace) -> list[PiiRecord]:
     """Write the config's training file with a PII message before every text; its records."""
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     source = resolve_data_path(config.data.train)
     if source.suffix != ".jsonl":
         raise SystemExit(f"--pii plants into a JSONL training file, not {source}")

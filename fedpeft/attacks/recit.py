@@ -41,9 +41,10 @@ Notes:
     rank) are fedpeft's own. Sparsified rows get no pairing: the layers' span tests
     need whole rows.
     Rotary decoders get the whole pipeline. Encoders get the filter per position and
-    the best token of each position as their sequence; under their embedding dropout
-    (BERT, MiniLM: p = 0.1 while training) no input lies exactly in the span, and a
-    token passes at ``encoder_ratio`` of the position's median distance instead. Past
+    a sequence that places every token passed at one position by a minimum-cost
+    assignment (:func:`assign_positions`); under their embedding dropout (BERT, MiniLM:
+    p = 0.1 while training) no input lies exactly in the span, and a token passes at
+    ``encoder_ratio`` of the position's median distance instead. Past
     the rank they get a token set only, from a pursuit over each token's input
     averaged over positions (MiniLM's position embeddings move an input much less
     than its word does), stopped once the best atom explains less than ``min_gain``
@@ -54,6 +55,7 @@ Notes:
 from __future__ import annotations
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from fedpeft.attacks.base import ATTACKS, Reconstruction
@@ -67,6 +69,28 @@ from fedpeft.attacks.sequence_assembly import longest_distinct
 from fedpeft.attacks.span import distance_to_span
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, load_adapter_state
+
+
+def assign_positions(scores: Tensor, tokens: list[int]) -> list[int]:
+    """A sentence from per-position scores: every token placed, at the least total score.
+
+    ``scores[p, j]`` scores ``tokens[j]`` at word position ``p`` (lower: closer). Under
+    an encoder's embedding dropout a position's best token is often its neighbour's
+    (MiniLM's position embeddings move an input far less than its word), so reading
+    each position's best repeats some tokens and drops others. The token set is known
+    better than any one position, so each token gets its own position by a minimum-cost
+    assignment (Hungarian, scipy's ``linear_sum_assignment``); positions left over
+    (a word the sentence repeats) keep their best token, and past as many tokens as
+    positions the worst-placed ones are left out. Left-over positions at the end are
+    dropped: with weak position embeddings a word seems present a little past the
+    sentence's end too.
+    """
+    cost = scores.double().numpy()
+    sequence = [tokens[int(j)] for j in cost.argmin(axis=1)]
+    rows, columns = linear_sum_assignment(cost)
+    for position, column in zip(rows, columns, strict=True):
+        sequence[int(position)] = tokens[int(column)]
+    return sequence[: int(rows.max()) + 1]
 
 
 def robust_z(values: Tensor, reference: Tensor | None = None) -> Tensor:
@@ -291,7 +315,7 @@ class ReCIT:
         details["filter"] = "span" if exact else "relative_span"
         threshold = self.exact_threshold if exact else self.encoder_ratio
         best: dict[int, float] = {}
-        sequence: list[int] = []
+        slots: list[Tensor] = []  # each word position's scores over the vocabulary
         for position in range(positions if exact else min(positions, basis.shape[1])):
             distances = at_start if position == 0 else distance_to_span(basis, first.candidates(position))
             scores = distances if exact else distances / distances.median().clamp_min(1e-12)
@@ -301,9 +325,10 @@ class ReCIT:
             for token in passed:
                 best[token] = min(float(scores[token]), best.get(token, float("inf")))
             if passed and ordered[0] == passed[0]:  # not a [CLS] or [SEP] position
-                sequence.append(passed[0])
+                slots.append(scores)
         ranked = sorted(best, key=best.__getitem__)[: self.max_candidates]
         details["filtered"] = len(ranked)
+        sequence = assign_positions(torch.stack(slots)[:, ranked], ranked) if slots and ranked else []
         sequences = (tuple(sequence),) if sequence else ()
         return Reconstruction(tuple(ranked), tuple(best[t] for t in ranked), sequences, details)
 

@@ -219,6 +219,9 @@ def test_under_embedding_dropout_an_encoder_batch_of_one_is_read_relative_to_the
     result = recit().reconstruct(observation, loaded)
     assert result.details["filter"] == "relative_span"
     assert set(result.token_ids) == set(truth[0]) - special
+    # Each token placed once by the assignment: the sentence comes back in order, where
+    # each position's own best token repeats neighbours (checked: it fails this).
+    assert result.sequences == (tuple(t for t in truth[0] if t not in special),)
 
 
 def test_past_the_rank_an_encoder_gets_a_token_set_from_position_averaged_inputs(

@@ -115,7 +115,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"config": str(args.config), "clients_per_row": args.clients, "pii": args.pii, "rows": rows},
+            {
+                "config": str(args.config),
+                "overrides": args.overrides,
+                "clients_per_row": args.clients,
+                "pii": args.pii,
+                "rows": rows,
+            },
             indent=2,
         )
     )

@@ -216,7 +216,11 @@ def assert_not_blank(png: Path) -> None:
 def test_a_federated_shadow_given_the_targets_half_is_the_target_again(audited: Path) -> None:
     # Every client trains in every round here, so a shadow federation with the target's
     # own examples planted retraces the Flower run: what makes shadows "trained the way
-    # the target was". With the other half it ends elsewhere.
+    # the target was". With the other half it ends elsewhere. One torch thread, as each
+    # simulated client (and the audit) had: 640 steps of memorising random labels turn
+    # another summation order into an O(1) difference.
+    import torch
+
     from fedpeft.audit.shadows import federate_shadow
     from fedpeft.audit.variants import variant_config
     from fedpeft.checkpoint import load_checkpoint
@@ -236,6 +240,11 @@ def test_a_federated_shadow_given_the_targets_half_is_the_target_again(audited: 
         state = adapter_state(experiment.model.model)
         return max(float((state[n] - target[n]).abs().max() / target[n].abs().max()) for n in target)
 
-    same = distance([e.included for e in plan.examples])
-    other = distance([not e.included for e in plan.examples])
-    assert same < 1e-3 and other > 100 * same, (same, other)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        same = distance([e.included for e in plan.examples])
+        other = distance([not e.included for e in plan.examples])
+    finally:
+        torch.set_num_threads(threads)
+    assert same < 1e-6 and other > 0.1, (same, other)

@@ -16,20 +16,24 @@ Rules (the first that fires sets the level):
 * **low**: none of these.
 
 An AUC counts only when it is also more than two null standard deviations above 0.5
-(:func:`fedpeft.audit.membership.auc_null_std`), and a TPR at 1 % FPR only with at least
-100 non-members (with fewer, "1 % FPR" means "no false positive at all" and a handful
-of lucky guesses passes it): small audits must not cry wolf.
+(:func:`fedpeft.audit.membership.auc_null_std`), and a TPR at 1 % FPR only when a
+scorer that knows nothing reaches it less than 2.5 % of the time
+(:func:`fedpeft.audit.membership.tpr_p_value`; at 1 % FPR a few hundred examples allow
+two or three false positives, and chance alone then finds 3 % of the members in one run
+of eight): small audits must not cry wolf.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fedpeft.audit.membership import tpr_p_value
+
 LEVELS = ("low", "moderate", "high", "violation")
 
 
-MIN_NON_MEMBERS_FOR_LOW_FPR = 100
-"""Non-members needed before a TPR at 1 % FPR counts in the verdict."""
+SIGNIFICANT_TPR = 0.025
+"""A TPR at 1 % FPR counts in the verdict when chance reaches it less often than this."""
 
 
 def _best_membership(variant: dict[str, Any]) -> tuple[float, float, float]:
@@ -39,10 +43,13 @@ def _best_membership(variant: dict[str, Any]) -> tuple[float, float, float]:
         return 0.5, 0.5, 0.0
     auc = max(a["auc"] for a in membership["attacks"])
     counted = auc if auc > 0.5 + 2 * membership["auc_null_std"] else 0.5
-    tpr = 0.0
-    if membership["non_members"] >= MIN_NON_MEMBERS_FOR_LOW_FPR:
-        tpr = max(a["tpr_at_fpr"]["0.01"] for a in membership["attacks"])
-    return auc, counted, tpr
+    members, non_members = membership["members"], membership["non_members"]
+    significant = [
+        a["tpr_at_fpr"]["0.01"]
+        for a in membership["attacks"]
+        if tpr_p_value(a["tpr_at_fpr"]["0.01"], members, non_members, 0.01) < SIGNIFICANT_TPR
+    ]
+    return auc, counted, max(significant, default=0.0)
 
 
 def _canary_signal(variant: dict[str, Any]) -> tuple[float, float]:
@@ -86,6 +93,11 @@ def variant_verdict(variant: dict[str, Any]) -> dict[str, Any]:
     if membership:
         noise = "" if counted_auc > 0.5 else ", within chance for this many examples"
         reasons.append(f"membership inference reaches AUC {auc:.2f}{noise}")
+        if tpr >= 0.03:  # a rule above fires on it: say so, AUC aside
+            reasons.append(
+                f"at 1 % false positives the best membership attack finds {100 * tpr:.1f} % of the "
+                "members (chance: 1 %)"
+            )
     if variant.get("canaries"):
         reasons.append(
             f"inserted canaries reach {100 * share:.0f} % of the measurable exposure on average, "

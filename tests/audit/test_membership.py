@@ -4,7 +4,14 @@ import random
 import numpy as np
 import pytest
 
-from fedpeft.audit.membership import lira_scores, logit_confidence, roc_auc, roc_curve, tpr_at_fpr
+from fedpeft.audit.membership import (
+    lira_scores,
+    logit_confidence,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+    tpr_p_value,
+)
 
 
 def test_auc_by_hand() -> None:
@@ -85,3 +92,20 @@ def test_lira_shapes_are_checked() -> None:
         lira_scores([0.1, 0.2], [[0.1]], [[True]])
     with pytest.raises(ValueError, match=r"shapes|at least one"):
         lira_scores([0.1], np.zeros((0, 1)), np.zeros((0, 1), dtype=bool))
+
+
+def test_tpr_p_value_by_hand_and_by_simulation() -> None:
+    # 6 of 195 members above the 3rd of 205 non-members (1 % FPR allows 2): at least 6
+    # members among the first 8 of 400 scores.
+    by_hand = sum(math.comb(195, k) * math.comb(205, 8 - k) for k in range(6, 9)) / math.comb(400, 8)
+    assert tpr_p_value(6 / 195, 195, 205, 0.01) == pytest.approx(by_hand, rel=1e-9)
+    assert 0.1 < by_hand < 0.15
+    assert tpr_p_value(0.0, 195, 205, 0.01) == 1.0
+    # A scorer that knows nothing: the fraction of runs reaching 6 members matches.
+    rng = random.Random(0)
+    labels = [True] * 195 + [False] * 205
+    hits = 0
+    for _ in range(2000):
+        scores = [rng.random() for _ in labels]
+        hits += tpr_at_fpr(scores, labels, 0.01) >= 6 / 195 - 1e-12
+    assert hits / 2000 == pytest.approx(by_hand, abs=0.025)

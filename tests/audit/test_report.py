@@ -17,6 +17,7 @@ from fedpeft.audit.measure import membership_section, one_run_section
 from fedpeft.audit.plan import AuditPlan
 from fedpeft.audit.report import build_report, validate_report, write_report
 from fedpeft.audit.shadows import ShadowLosses, shadow_halves
+from fedpeft.audit.verdict import variant_verdict
 from fedpeft.config import Config, parse_config
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger, epsilon_of
 
@@ -172,3 +173,23 @@ def test_schema_rejects_broken_reports() -> None:
     report["variants"][0]["utility"]["loss"] = float("inf")
     with pytest.raises(ValueError):
         validate_report(report)
+
+
+def test_a_verdict_names_the_rule_that_set_it_and_ignores_a_chance_tpr() -> None:
+    # AUC at chance, but 6.2 % of members found at 1 % false positives (chance: p ~ 4e-4):
+    # "moderate", and the reasons must say why (they named only the AUC before).
+    membership = {
+        "members": 195,
+        "non_members": 205,
+        "auc_null_std": 0.029,
+        "attacks": [{"name": "loss", "auc": 0.52, "tpr_at_fpr": {"0.001": 0.0, "0.01": 12 / 195}}],
+    }
+    variant = {"name": "v", "membership": membership, "one_run": [], "canaries": None}
+    variant["guarantees"] = {"dp": True, "units": [{"unit": "example"}]}
+    verdict = variant_verdict(variant)
+    assert verdict["level"] == "moderate"
+    assert any("6.2 % of the members" in reason for reason in verdict["reasons"]), verdict["reasons"]
+    # 6 members (3.1 %) at 2 false positives: chance does that in 13 % of runs.
+    membership["attacks"][0]["tpr_at_fpr"]["0.01"] = 6 / 195
+    verdict = variant_verdict(variant)
+    assert verdict["level"] == "low" and not any("false positives" in r for r in verdict["reasons"])

@@ -167,7 +167,7 @@ class SentencePeeling:
         """
         count = len(layers.layers)
         early, late = range((count + 1) // 2), range(count // 2, count)
-        rows = [torch.cat([gradients[name].double() for name in names]) for names in layers.lora_a_names]
+        rows = layers.rows(gradients)
         vocabulary = torch.tensor(list(tokens), dtype=torch.long)
         starts: list[tuple[int, ...]] = []
         grown: list[tuple[int, ...]] = []

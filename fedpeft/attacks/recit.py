@@ -29,7 +29,12 @@ nothing. ReCIT's answer, as implemented here:
    combined with the model's own log-likelihood. Past the rank that test is only
    approximate, until every other sentence's inputs are projected out of the rows:
    the peeling finds the sentences one by one, then grows each again with the others
-   projected out, where the span is exact once more.
+   projected out, where the span is exact once more. Then the sentences are
+   **polished** (:mod:`fedpeft.attacks.polishing`): with every input of the batch
+   hypothesised, the rows must lie in their span exactly, and token edits
+   (substitutions, insertions of one or two tokens) are kept while they bring the
+   rows closer to it, which mends the rare tokens a greedy growth past the rank gets
+   wrong (a surname, a phone number's digits).
 3. **Memorisation boost.** A malicious server sends an adapter fine-tuned on personal
    notes (:mod:`fedpeft.attacks.memorisation_boost`, ``capture.boost_steps``); it is the
    model this attack scores likelihoods with, since it runs at the observed adapter.
@@ -37,8 +42,8 @@ nothing. ReCIT's answer, as implemented here:
 Notes:
     Interpreted from the paper's abstract and descriptions (its method section was not
     available): the z-score filter is this implementation's reading of "filter-based
-    token extraction"; both pursuits and the peeling (its "token pairing" past the
-    rank) are fedpeft's own. Sparsified rows get no pairing: the layers' span tests
+    token extraction"; both pursuits, the peeling and the polishing (its "token
+    pairing" past the rank) are fedpeft's own. Sparsified rows get no pairing: the layers' span tests
     need whole rows.
     Rotary decoders get the whole pipeline. Encoders get the filter per position and
     a sequence that places every token passed at one position by a minimum-cost
@@ -63,6 +68,7 @@ from fedpeft.attacks.first_layer import FirstLayer, observe_first_layer
 from fedpeft.attacks.masked_pursuit import masked_pursuit
 from fedpeft.attacks.observation import Observation
 from fedpeft.attacks.peeling import SentencePeeling
+from fedpeft.attacks.polishing import SentencePolish
 from fedpeft.attacks.pursuit import OrthogonalResidual, SparseFit, simultaneous_pursuit, unit_rows
 from fedpeft.attacks.second_layer import prefix_layers_of
 from fedpeft.attacks.sequence_assembly import longest_distinct
@@ -144,6 +150,9 @@ class ReCIT:
         masked_min_weight: The same cut for a sparsified update (random mask, top-k),
             whose float16 values leave every atom a noise weight: atoms fitting only
             rounding noise weighed at most 1.2e-3 on SmolLM2, true tokens at least 3.7e-3.
+        max_edits: Most token edits per peeled sentence once all are read, each kept
+            only if the exact full-batch test improves
+            (:class:`~fedpeft.attacks.polishing.SentencePolish`; 0: none).
 
     """
 
@@ -165,6 +174,7 @@ class ReCIT:
         masked_min_weight: float = 2e-3,
         encoder_ratio: float = 0.6,
         min_gain: float = 0.015,
+        max_edits: int = 24,
     ) -> None:
         if not 0 < exact_threshold < 1:
             raise ValueError(f"exact_threshold must be in (0, 1), got {exact_threshold}")
@@ -189,6 +199,7 @@ class ReCIT:
             lm_weight=lm_weight,
             rank_tolerance=rank_tolerance,
         )
+        self.polish = SentencePolish(max_edits=max_edits)
         self.max_candidates = max_candidates
         self.rank_tolerance = rank_tolerance
         self.max_positions = max_positions
@@ -232,6 +243,11 @@ class ReCIT:
         target.model.eval()
         details["pairing_layers"] = f"{layers.layers[0]}-{layers.layers[-1]}"
         peeled = self.peeling.sentences(layers, gradients, passed)
+        if peeled and self.polish.max_edits:
+            # The exact test holds at any layer; the middle third mixes in the most context.
+            middle = prefix_layers_of(target.model, 1 / 3, 2 / 3)
+            vocabulary = torch.tensor(passed, dtype=torch.long)
+            peeled = self.polish.sentences(middle, middle.rows(gradients), peeled, vocabulary)
         sequences = longest_distinct([(sentence, -len(sentence)) for sentence in peeled])
         return Reconstruction(tuple(tokens), scores, tuple(sequences), details)
 

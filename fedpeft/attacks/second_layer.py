@@ -8,6 +8,7 @@ a time: DAGER's way (with the second layer) of turning a token set into sequence
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -49,6 +50,10 @@ class PrefixLayers:
     lora_a_names: tuple[tuple[str, ...], ...]
     _model: nn.Module
     _norms: tuple[nn.Module, ...]
+
+    def rows(self, gradients: Mapping[str, Tensor]) -> list[Tensor]:
+        """Each layer's LoRA A gradient rows stacked, ``(m, d)`` float64, from an adapter gradient."""
+        return [torch.cat([gradients[name].double() for name in names]) for names in self.lora_a_names]
 
     def last_position(self, token_ids: Tensor) -> PrefixViews:
         """Every layer's input at the last position of each ``(n, length)`` prefix.

@@ -1,4 +1,4 @@
-"""Sentence peeling: pairing tokens into sentences past the layers' rank."""
+"""Sentence peeling and polishing: pairing tokens into sentences past the layers' rank."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from fedpeft.attacks import ATTACKS, Observation
 from fedpeft.attacks.peeling import ProjectedSpans, SentencePeeling, repeats_a_trigram
+from fedpeft.attacks.polishing import SentencePolish, unexplained
 from fedpeft.attacks.second_layer import prefix_layers_of
 from fedpeft.config import AdapterConfig, ModelConfig
 from fedpeft.models import LoadedModel, build_model, load_adapter_state
@@ -42,15 +43,11 @@ def saturated(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer_dir: Pa
     return _observe(folder, 4, SENTENCES)
 
 
-def _rows(layers, gradients: dict) -> list[torch.Tensor]:
-    return [torch.cat([gradients[name].double() for name in names]) for names in layers.lora_a_names]
-
-
 def test_projecting_out_the_other_sentence_makes_the_span_exact_again(saturated) -> None:
     loaded, observation, truth = saturated
     layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
     assert layers.layers == (1, 2)
-    rows = _rows(layers, observation.gradient_estimate())
+    rows = layers.rows(observation.gradient_estimate())
     assert sum(len(sentence) - 1 for sentence in truth) > rows[0].shape[0]  # past the rank
     first, second = (layers.sentence(torch.tensor(sentence)) for sentence in truth)
 
@@ -115,7 +112,7 @@ def test_a_sentence_longer_than_the_rank_is_read_once_its_prefix_is_projected_ou
     folder = save_tiny_llama(tmp_path, minilm_tokenizer_dir, hidden_size=256, layers=3)
     loaded, observation, truth = _observe(folder, 2, SENTENCES[1:])
     layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
-    rows = _rows(layers, observation.gradient_estimate())
+    rows = layers.rows(observation.gradient_estimate())
     assert len(truth[0]) - 1 > rows[0].shape[0]
     found = SentencePeeling().sentences(layers, observation.gradient_estimate(), sorted(set(truth[0])))
     assert found == [tuple(truth[0][:-1])]
@@ -135,3 +132,34 @@ def test_sentences_that_share_their_first_words_branch_off_the_first_found(
     expected = sorted(tuple(sentence[:-1]) for sentence in truth)
     assert sorted(SentencePeeling(max_branch=8).sentences(layers, gradients, tokens)) == expected
     assert sorted(SentencePeeling().sentences(layers, gradients, tokens)) != expected  # [CLS] only
+
+
+def test_polishing_mends_a_wrong_and_a_missing_token_by_the_exact_test(saturated) -> None:
+    loaded, observation, truth = saturated
+    layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
+    rows = layers.rows(observation.gradient_estimate())
+    read = [tuple(sentence[:-1]) for sentence in truth]  # the last token reaches no gradient
+    vocabulary = torch.tensor(sorted({t for sentence in read for t in sentence}))
+    wrong = list(read[0])
+    wrong[3] = next(t for t in vocabulary.tolist() if t not in read[0])
+    missing = read[1][:2] + read[1][3:]
+    inputs = [layers.sentence(torch.tensor(s)) for s in (tuple(wrong), missing)]
+    assert unexplained(rows, inputs) > 0.01  # the exact test sees both faults
+    polished = SentencePolish().sentences(layers, rows, [tuple(wrong), missing], vocabulary)
+    assert polished == read
+    assert SentencePolish(max_edits=0).sentences(layers, rows, [tuple(wrong), missing], vocabulary) == [
+        tuple(wrong),
+        missing,
+    ]
+
+
+def test_polishing_leaves_sentences_that_explain_the_rows(saturated) -> None:
+    loaded, observation, truth = saturated
+    layers = prefix_layers_of(loaded.model, 0.0, 2 / 3)
+    rows = layers.rows(observation.gradient_estimate())
+    read = [tuple(sentence[:-1]) for sentence in truth]
+    assert unexplained(rows, [layers.sentence(torch.tensor(s)) for s in read]) < 1e-6
+    vocabulary = torch.tensor(sorted({t for sentence in read for t in sentence}))
+    assert SentencePolish().sentences(layers, rows, read, vocabulary) == read
+    with pytest.raises(ValueError, match="min_gain"):
+        SentencePolish(min_gain=1.5)

@@ -6,8 +6,8 @@ picks each next token is only approximate: rare tokens the model's likelihood do
 not favour (a surname, the digits of a phone number) are where the growth goes wrong.
 Once every sentence is read, that changes. The rows are combinations of the batch's
 inputs and nothing else, so with *all* of them known the test is exact: the true
-sentences leave nothing of the rows unexplained (float32: about 1e-14 of their energy), and a wrong or
-missing token leaves its input's share.
+sentences leave nothing of the rows unexplained (float32: about 1e-14 of their
+energy), and a wrong or missing token leaves its input's share.
 
 So the sentences are edited one token at a time. For every position of every
 sentence, each candidate token's input there (one cached run of the prefix, one token
@@ -20,7 +20,13 @@ kept if it lowers what is left by ``min_gain``; polishing stops when none does. 
 scores take the other positions' inputs from the sentence before the edit (a token
 changes what follows it through attention), which is why each edit is checked whole;
 and all sentences compete in each round, because an input one sentence lacks is also
-explained, less well, by inserting it into another.
+explained, less well, by inserting it into another. When no single edit helps, two
+tokens are inserted at once (a phone number's digit comes with the space before it,
+and neither may explain enough alone). Once the sentences explain the rows whole,
+tokens whose removal keeps them explained are pruned.
+
+On SmolLM2 with a planted message at batch 1, this turned "My phone number is 2 2."
+into "... 2 2 4 0 5 1 2 9" and "Elena." into "Elena Rossi.": the whole secret.
 
 fedpeft's own step, the counterpart of a pursuit's final least-squares refit.
 """

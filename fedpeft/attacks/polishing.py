@@ -91,8 +91,8 @@ class SentencePolish:
         """
         polished = list(sentences)
         inputs = [layers.sentence(torch.tensor(s)) for s in polished]
+        current = unexplained(rows, inputs)
         for _ in range(self.max_edits * len(polished)):
-            current = unexplained(rows, inputs)
             if current < self.min_unexplained:
                 break
             # One token first; two at once only when no single edit helps: two inputs
@@ -117,8 +117,8 @@ class SentencePolish:
                     break
             if best is None:
                 break
-            _, index, polished[index], inputs[index] = best
-        return self._prune(layers, rows, polished, inputs)
+            current, index, polished[index], inputs[index] = best
+        return self._prune(layers, rows, polished, inputs, current)
 
     def _check(
         self,
@@ -143,6 +143,7 @@ class SentencePolish:
         rows: Sequence[Tensor],
         sentences: list[tuple[int, ...]],
         inputs: list[tuple[Tensor, ...]],
+        current: float,
     ) -> list[tuple[int, ...]]:
         """``sentences`` without the tokens nothing needs, last first, once they explain the rows.
 
@@ -152,7 +153,7 @@ class SentencePolish:
         it can tell that it is not needed: taking it out leaves them explained. Before
         that, a true token whose share other inputs happen to cover would go too.
         """
-        if unexplained(rows, inputs) >= self.explained:
+        if current >= self.explained:  # the share ``inputs`` leave unexplained
             return sentences
         for index in range(len(sentences)):
             position = len(sentences[index]) - 1

@@ -25,6 +25,14 @@ class PayloadError(FedPeftError):
     """A client update has wrong keys, shapes or dtypes, non-finite values or is too large."""
 
 
+class ClientStateError(FedPeftError):
+    """A device's saved state (DP ledger, codec memory) cannot be read or trusted."""
+
+
+class AggregationError(FedPeftError):
+    """A round's aggregate is not finite or does not fit the global adapter; it is refused."""
+
+
 class PrivacyBudgetExhausted(FedPeftError):
     """A client's next round would spend more than its privacy.example.target_epsilon."""
 

@@ -79,13 +79,44 @@ class RunHistory:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    """Write JSON durably: a reader, or the file after a power loss, is old or new, never half."""
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
-        os.replace(tmp, path)
+            out.write(text)
+        replace_durably(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the finished file ``tmp`` onto ``path`` so that the new content survives a crash.
+
+    Without the first fsync a power loss can leave the rename on disk but not the data
+    (an empty ``path``, the classic ext4/XFS failure); without the second, not the rename.
+    """
+    with tmp.open("rb") as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the folder's entries (a rename, a new file) durable; a no-op where unsupported."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is then as durable as they allow
+    finally:
+        os.close(handle)

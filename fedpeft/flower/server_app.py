@@ -30,7 +30,7 @@ from fedpeft.flower.run_config import (
     resume_from_run_config,
 )
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic
-from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic
+from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
 from fedpeft.training import EvalResult, evaluate
@@ -176,7 +176,7 @@ def open_run_folder(out_dir: Path, config: Config, resume: bool) -> RoundCheckpo
     """Check ``out_dir`` (:func:`check_run_folder`), create it and write ``config.toml``."""
     checkpoint = check_run_folder(out_dir, config, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+    write_text_atomic(out_dir / "config.toml", config.to_toml())  # --resume reads it back
     return checkpoint
 
 

@@ -45,7 +45,11 @@ def clip_update_norm(delta: Mapping[str, Tensor], max_norm: float) -> dict[str, 
 
     An update already within ``max_norm`` (including the zero update) is returned
     unscaled, so the result never divides by zero. Scaling is done in float64 and cast
-    back, so each tensor keeps its dtype.
+    back, so each tensor keeps its dtype; since rounding to a narrow dtype (bfloat16
+    keeps 8 bits) can push the norm of the stored values above ``max_norm`` (1.0006
+    for 1.0 in bfloat16), the scale then shrinks by a growing margin until the rounded
+    result is within it. The bound ``update_norm(result) <= max_norm`` is what DP's
+    sensitivity rests on, so it holds exactly, in every dtype.
 
     Raises:
         ValueError: ``max_norm`` is not positive, or the update is not finite (its norm
@@ -60,7 +64,15 @@ def clip_update_norm(delta: Mapping[str, Tensor], max_norm: float) -> dict[str, 
     if norm <= max_norm:
         return {name: tensor.clone() for name, tensor in delta.items()}
     scale = max_norm / norm
-    return {name: (tensor.to(torch.float64) * scale).to(tensor.dtype) for name, tensor in delta.items()}
+    margin = max((torch.finfo(t.dtype).eps for t in delta.values() if t.is_floating_point()), default=0.0)
+    margin = max(margin, 2.0**-52)
+    while True:
+        clipped = {name: (t.to(torch.float64) * scale).to(t.dtype) for name, t in delta.items()}
+        if update_norm(clipped) <= max_norm:
+            return clipped
+        # Shrinks to 0 within ~60 passes at worst, and the zero update is within any bound.
+        scale = scale * (1 - margin) if margin < 0.5 else 0.0
+        margin *= 2
 
 
 def _stacked(states: Sequence[Mapping[str, Tensor]], name: str) -> Tensor:

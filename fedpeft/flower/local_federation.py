@@ -2,8 +2,9 @@
 
 For trials, the end-to-end tests and ``benchmarks/deploy.py``. Everything is started
 through the repository's own ``server/`` and ``clients/`` scripts, so what runs here is
-what an operator runs: TLS with certificates from ``server/make_certificates.sh``,
-SuperNode keys registered with the SuperLink, runs submitted with ``fedpeft deploy``.
+what an operator runs: TLS with certificates from ``server/make_certificates.sh``, the
+SuperLink on its Control port with the Fleet gateway on the public port, SuperNode keys
+registered with the SuperLink, runs submitted with ``fedpeft deploy``.
 Each process gets its own session, so it (and every process it started) can be
 killed at once, the way a machine losing power would take them.
 """
@@ -47,18 +48,24 @@ class LocalFederation:
     """A SuperLink with TLS and node authentication, and SuperNodes, on 127.0.0.1.
 
     Args:
-        folder: Holds certs/, keys/, the SuperLink's state/, logs/ and a Flower home.
-        port: The SuperLink's port (default: a free one).
+        folder: Holds certs/ (ca-private/ beside it), keys/, the SuperLink's state/,
+            logs/ and a Flower home.
+        port: The public port: the Fleet gateway SuperNodes dial (default: a free one).
+        control_port: The SuperLink's own port: Control API for ``flwr`` and the
+            ``local`` connection, Runtime API (default: a free one).
 
     """
 
     folder: Path
     port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
     superlink: subprocess.Popen[bytes] | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.folder = self.folder.resolve()  # the processes run in it
+        while self.control_port == self.port:
+            self.control_port = free_port()
         self.root = app_folder()
         for sub in ("logs", "keys", "flwr-home"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
@@ -79,8 +86,13 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
-        """The SuperLink's Fleet address as SuperNodes dial it."""
+        """The public (Fleet gateway) address SuperNodes dial."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink's own address, the operator's: Control API (``flwr``)."""
+        return f"127.0.0.1:{self.control_port}"
 
     def _script(self, script: str, *args: str) -> str:
         done = subprocess.run(
@@ -110,7 +122,7 @@ class LocalFederation:
         return process, log
 
     def start_superlink(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink (keeping its state folder) and wait until it answers."""
+        """Start the SuperLink and its gateway (keeping the state) and wait until both answer."""
         log = self.folder / "logs" / "superlink.log"
         seen = log.stat().st_size if log.exists() else 0  # a restart appends to the log
         self.superlink, log = self._spawn(
@@ -124,6 +136,8 @@ class LocalFederation:
                 str(self.folder / "state"),
                 "--port",
                 str(self.port),
+                "--control-port",
+                str(self.control_port),
             ],
         )
         deadline = time.monotonic() + timeout
@@ -131,15 +145,15 @@ class LocalFederation:
             text = log.read_bytes()[seen:].decode(errors="replace")
             if self.superlink.poll() is not None:
                 raise RuntimeError(f"the SuperLink exited at start:\n{text}")
-            if "Application startup complete" in text:
+            if "Application startup complete" in text and _listening(self.port):
                 break
             time.sleep(0.5)
         else:
-            raise TimeoutError(f"the SuperLink did not start in {timeout:g} s (see {log})")
-        self._script("server/connect.sh", CONNECTION, self.address, str(self.certs / "ca.crt"))
+            raise TimeoutError(f"the SuperLink and its gateway did not start in {timeout:g} s (see {log})")
+        self._script("server/connect.sh", CONNECTION, self.control_address, str(self.certs / "ca.crt"))
 
     def kill_superlink(self) -> None:
-        """SIGKILL the SuperLink and everything it started (its ServerApp included)."""
+        """SIGKILL the SuperLink, its gateway and what they started (the ServerApp too)."""
         if self.superlink is not None:
             _kill_group(self.superlink)
             self.superlink = None
@@ -218,6 +232,11 @@ class LocalFederation:
         for name in list(self.nodes):
             self.kill_node(name)
         self.kill_superlink()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:

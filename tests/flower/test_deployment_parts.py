@@ -1,8 +1,12 @@
 """The parts of a deployment that need no running SuperLink: node config, fault
-injection, the run config ``fedpeft deploy`` sends, and the CLI's run-folder checks."""
+injection, the run config ``fedpeft deploy`` sends, the CLI's run-folder checks, and the
+server scripts' refusals (certificates, the CA key)."""
 
 from __future__ import annotations
 
+import shutil
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -117,3 +121,56 @@ def test_cli_wants_out_or_resume_and_resume_needs_a_run_folder(
     assert "no such run folder" in capsys.readouterr().err
     assert main(["deploy", "--superlink", "x", "--resume", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     assert "leave --out out" in capsys.readouterr().err
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["bash", str(root / name), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_certificates_keep_the_ca_key_apart_and_an_existing_ca_is_not_replaced(tmp_path: Path) -> None:
+    made = script("server/make_certificates.sh", "trial/certs", "fl.example.org", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    certs, private = tmp_path / "trial" / "certs", tmp_path / "trial" / "ca-private"
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "server.crt", "server.key"]
+    assert stat.S_IMODE((private / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert "ca-private/ca.key" in made.stdout
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stderr
+    names = subprocess.run(
+        ["openssl", "x509", "-in", str(certs / "server.crt"), "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "IP Address:127.0.0.1" in names and "DNS:fl.example.org" in names  # loopback: the Control address
+
+    ca = (certs / "ca.crt").read_bytes()
+    again = script("server/make_certificates.sh", "trial/certs", cwd=tmp_path)
+    assert again.returncode == 2 and "refusing to replace" in again.stderr and "--force" in again.stderr
+    assert str(Path("trial/certs/ca.crt")) in again.stderr and "fedpeft trial CA" in again.stderr
+    assert (certs / "ca.crt").read_bytes() == ca
+
+    forced = script(
+        "server/make_certificates.sh", "--force", "--ca-key-dir", "offline", "trial/certs", cwd=tmp_path
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert (certs / "ca.crt").read_bytes() != ca and (tmp_path / "offline" / "ca.key").is_file()
+    assert not (certs / "ca.key").exists()
+
+
+def test_start_superlink_refuses_a_certs_folder_holding_the_ca_key(tmp_path: Path) -> None:
+    for name in ("ca.crt", "server.crt", "server.key", "ca.key"):
+        (tmp_path / name).write_text("placeholder")
+    refused = script("server/start_superlink.sh", "--certs", str(tmp_path), cwd=tmp_path)
+    assert refused.returncode == 2 and "ca.key" in refused.stderr and "Move it out" in refused.stderr
+    assert not (tmp_path / "superlink-state").exists()  # refused before anything started

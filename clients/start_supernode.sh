@@ -4,6 +4,9 @@
 #   clients/start_supernode.sh --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY \
 #       --partition-id N [--data-file PATH] [--device cpu|cuda|cuda:N|auto] [--port PORT]
 #
+# --superlink     the SuperLink's public (Fleet) address, e.g. fl.example.org:9092
+#                 (server/start_superlink.sh --host/--port)
+# --ca            the CA certificate (ca.crt; public, not a secret)
 # --partition-id  the client's id; without --data-file also its partition of the
 #                 run's training data (for trials with one shared data set)
 # --data-file     this device's own training data (TSV/CSV/JSONL with the run's text

@@ -4,7 +4,10 @@
 #
 #   server/connect.sh NAME HOST:PORT CA_CERT
 #
-# Then `flwr run . NAME`, `fedpeft deploy --superlink NAME` and
+# HOST:PORT is the SuperLink's Control address (server/start_superlink.sh
+# --control-host/--control-port, default 127.0.0.1:9093): on the server itself, or
+# through an ssh tunnel (ssh -N -L 9093:127.0.0.1:9093 SERVER). The public Fleet port
+# refuses Control calls. Then `flwr run . NAME`, `fedpeft deploy --superlink NAME` and
 # `flwr supernode register KEY.pub NAME` talk to that SuperLink over TLS.
 set -euo pipefail
 if [ $# -ne 3 ]; then

@@ -3,8 +3,9 @@
 #
 #   server/register_supernodes.sh CONNECTION KEY.pub [KEY.pub ...]
 #
-# CONNECTION is a name made with server/connect.sh. Each device makes its key pair with
-# clients/make_node_key.sh and sends only the .pub file to the server's operator.
+# CONNECTION is a name made with server/connect.sh for the Control address (loopback
+# or an ssh tunnel; the public Fleet port refuses registration). Each device makes its
+# key pair with clients/make_node_key.sh and sends only the .pub file to the operator.
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: $0 CONNECTION KEY.pub [KEY.pub ...]" >&2

@@ -4,7 +4,8 @@ Why it exists: Flower 1.41's SuperLink serves three APIs on one HTTPS port (one 
 app): the Fleet API that SuperNodes use, the Control API that ``flwr`` uses (register
 SuperNode keys, start and stop runs, read logs) and the Runtime API that the ServerApp
 uses (``acquire-task`` hands out the ServerApp's pending task). Without Flower's OIDC
-account plugin, Control requests pass a no-op authentication plugin, and Runtime's
+account plugin (enterprise distribution only), Control requests pass a no-op
+authentication plugin (``NoOpControlAuthnPlugin`` accepts any caller), and Runtime's
 SuperExec check is off in the default subprocess isolation: anyone who completes the TLS
 handshake may use both, and the handshake needs only ``ca.crt``, which every device
 holds. ``--control-api-address`` no longer separates them (Flower 1.41 marks it

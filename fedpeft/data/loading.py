@@ -9,6 +9,7 @@ partition by).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,11 +57,9 @@ def load_text_data(config: DataConfig, keep_columns: Sequence[str] = ()) -> Text
         keep_columns: Extra source columns to keep (e.g. the partition column).
 
     """
-    train_rows = _read_split(config, config.train, config.train_split, "data.train")
-    test_rows = _read_split(config, config.test, config.test_split, "data.test")
     wanted = [config.text_column, *([config.label_column] if config.label_column else [])]
-    for name, rows in (("data.train", train_rows), ("data.test", test_rows)):
-        _check_columns(rows, [*wanted, *keep_columns] if name == "data.train" else wanted, name)
+    train_rows = _read_split(config, config.train, config.train_split, "data.train", [*wanted, *keep_columns])
+    test_rows = _read_split(config, config.test, config.test_split, "data.test", wanted)
     if config.max_train_examples:
         train_rows = train_rows.select(range(min(config.max_train_examples, len(train_rows))))
     if config.max_test_examples:
@@ -82,9 +81,23 @@ def _natural_key(value: str) -> tuple[int, Any]:
         return (1, value)
 
 
-def _read_split(config: DataConfig, location: str, split: str, key: str) -> datasets.Dataset:
+def _read_split(
+    config: DataConfig, location: str, split: str, key: str, wanted: Sequence[str]
+) -> datasets.Dataset:
+    """Read one split and check that every row has every ``wanted`` field.
+
+    A row without one (a short TSV line, a JSON object without the key, a null or empty
+    value) is an error naming the file and line: read silently, a missing label would
+    become a class of its own.
+    """
     if config.format == "hf":
-        return _read_hf(location, split, key)
+        rows = _read_hf(location, split, key)
+        _check_columns(rows, wanted, key)
+        for column in wanted:
+            for index, value in enumerate(rows[column]):
+                if _missing(value):
+                    raise DataError(f"{key}: {location} split {split!r} row {index}: no value for {column!r}")
+        return rows
     path = resolve_data_path(location)
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
@@ -97,40 +110,72 @@ def _read_split(config: DataConfig, location: str, split: str, key: str) -> data
                 "set data.format to tsv, csv, jsonl or hf"
             )
     if fmt == "jsonl":
-        records = _read_jsonl(path, key)
+        numbered = _read_jsonl(path, key)
     else:
-        records = _read_delimited(path, "\t" if fmt == "tsv" else ",", key)
-    if not records:
+        numbered = _read_delimited(path, "\t" if fmt == "tsv" else ",", key)
+    if not numbered:
         raise DataError(f"{key}: {path} holds no rows")
-    return datasets.Dataset.from_list(records)
+    columns = sorted({name for _, record in numbered for name in record})
+    for column in wanted:
+        if column not in columns:
+            raise DataError(f"{key}: column {column!r} not found (columns: {', '.join(columns)})")
+    for line_no, record in numbered:
+        for column in wanted:
+            if _missing(record.get(column)):
+                raise DataError(f"{key}: {path}:{line_no}: no value for {column!r}")
+    return datasets.Dataset.from_list([record for _, record in numbered])
 
 
-def _read_delimited(path: Path, delimiter: str, key: str) -> list[dict[str, Any]]:
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _read_text(path: Path, key: str, newline: str | None) -> io.StringIO:
+    """The file as text (``newline`` as :func:`open` takes it).
+
+    Bytes that are not UTF-8 are an error naming the line, not a traceback.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{key}: {path}:{line_no}: not UTF-8 (byte 0x{raw[err.start]:02x}); re-encode the file as UTF-8"
+        ) from None
+    return io.StringIO(text, newline=newline)
+
+
+def _read_delimited(path: Path, delimiter: str, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` pairs; a short row's missing fields are None."""
     # GLUE-style TSVs contain bare quotes inside sentences: read them without quoting.
     quoting: Literal[0, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
+    reader = csv.DictReader(_read_text(path, key, ""), delimiter=delimiter, quoting=quoting)
+    rows = []
+    try:
+        for row in reader:
+            line_no = reader.line_num  # a quoted field may span lines: the row's last line
             if None in row:
                 raise DataError(f"{key}: {path}:{line_no}: more fields than header columns")
-            rows.append({k.strip(): (v.strip() if v is not None else v) for k, v in row.items()})
+            rows.append((line_no, {k.strip(): (v.strip() if v is not None else v) for k, v in row.items()}))
+    except csv.Error as err:
+        raise DataError(f"{key}: {path}:{reader.line_num}: {err}") from None
     return rows
 
 
-def _read_jsonl(path: Path, key: str) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` pairs, blank lines skipped."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{key}: {path}:{line_no}: not valid JSON: {err.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{key}: {path}:{line_no}: expected a JSON object per line")
-            rows.append(record)
+    for line_no, line in enumerate(_read_text(path, key, None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{key}: {path}:{line_no}: not valid JSON: {err.msg}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{key}: {path}:{line_no}: expected a JSON object per line")
+        rows.append((line_no, record))
     return rows
 
 

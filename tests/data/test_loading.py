@@ -115,3 +115,46 @@ def test_unseen_test_label_is_rejected(tmp_path: Path) -> None:
     test = write(tmp_path / "test.tsv", "sentence\tlabel\nb\t7\n")
     with pytest.raises(DataError, match="label '7'"):
         load_text_data(DataConfig(train=str(train), test=str(test)))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        ("short.tsv", "sentence\tlabel\nfine\t1\nno label here\nbad\t0\n", "short.tsv:3: no value for 'label'"),
+        ("empty.tsv", "sentence\tlabel\nfine\t1\nbad\t\n", "empty.tsv:3: no value for 'label'"),
+        ("rows.csv", "sentence,label\nfine,1\n,0\n", "rows.csv:3: no value for 'sentence'"),
+        ("keys.jsonl", '{"sentence": "a", "label": 1}\n\n{"sentence": "b"}\n', "keys.jsonl:3: no value for 'label'"),
+        ("null.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b", "label": null}\n', "null.jsonl:2: no value"),
+    ],
+)
+def test_a_row_without_a_field_names_the_file_and_line(tmp_path: Path, name: str, content: str, where: str) -> None:
+    path = write(tmp_path / name, content)
+    good = write(tmp_path / "good.tsv", "sentence\tlabel\nfine\t1\n")
+    with pytest.raises(DataError, match=f"data.train: .*{where}"):
+        load_text_data(DataConfig(train=str(path), test=str(good)))
+
+
+def test_a_test_row_without_a_field_is_refused_too(tmp_path: Path) -> None:
+    good = write(tmp_path / "good.tsv", "sentence\tlabel\nfine\t1\n")
+    bad = write(tmp_path / "test.tsv", "sentence\tlabel\nfine\t1\nwhat\n")
+    with pytest.raises(DataError, match=r"data.test: .*test.tsv:3: no value for 'label'"):
+        load_text_data(DataConfig(train=str(good), test=str(bad)))
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_bytes_that_are_not_utf8_name_the_line(tmp_path: Path, suffix: str) -> None:
+    lines = (
+        [b"sentence\tlabel", b"fine\t1", b"caf\xe9\t0"]
+        if suffix == ".tsv"
+        else [b'{"sentence": "fine", "label": 1}', b'{"sentence": "caf\xe9", "label": 0}']
+    )
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"latin1{suffix}:{len(lines)}: not UTF-8 \(byte 0xe9\)"):
+        load_text_data(DataConfig(train=str(path), test=str(path)))
+
+
+def test_a_hugging_face_row_without_a_label_names_the_row(tmp_path: Path) -> None:
+    datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "label": [1, None, 0]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"row 1: no value for 'label'"):
+        load_text_data(DataConfig(format="hf", train=str(tmp_path / "ds"), test=str(tmp_path / "ds")))

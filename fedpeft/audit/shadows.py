@@ -37,7 +37,7 @@ from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.models import load_adapter_state
 from fedpeft.privacy import PrivacyLedger
-from fedpeft.privacy.central import noisy_mean
+from fedpeft.privacy.central import noisy_mean, poisson_sample
 from fedpeft.privacy.dp_sgd import train_local_private
 from fedpeft.training import make_loader, tokenize, train_local
 
@@ -144,7 +144,10 @@ def federate_shadow(experiment: Experiment, shadow: int) -> int:
     rng = random.Random(f"shadow-federation:{config.seed}:{shadow}")
     steps = 0
     for server_round in range(1, federation.rounds + 1):
-        sampled = sorted(rng.sample(range(clients), federation.clients_per_round(clients)))
+        if central is not None:  # Poisson at q, as the strategy samples under user-level DP
+            sampled = poisson_sample(range(clients), federation.fraction_train, rng)
+        else:
+            sampled = sorted(rng.sample(range(clients), federation.clients_per_round(clients)))
         if server_round in crafted:
             continue
         updates = []
@@ -157,7 +160,7 @@ def federate_shadow(experiment: Experiment, shadow: int) -> int:
             updates.append(ClientUpdate(client_id, delta, result.num_examples))
             steps += result.steps
         if central is not None:
-            noised, _ = noisy_mean(updates, len(sampled), central)
+            noised, _ = noisy_mean(updates, federation.fraction_train * clients, central, like=global_state)
             updates = [noised]
         global_state = aggregator.aggregate(global_state, updates).state
     load_adapter_state(experiment.model.model, global_state)

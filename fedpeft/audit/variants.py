@@ -48,9 +48,12 @@ def variant_config(config: Config, spec: str) -> Config:
 
 
 def client_sample_rate(config: Config) -> float:
-    """Share of the clients the server samples per round (what its accountant records)."""
-    population = config.partition.num_clients
-    return config.federation.clients_per_round(population) / population
+    """The Poisson rate q at which the server samples clients under user-level DP.
+
+    ``federation.fraction_train``, what the strategy draws with and its ledger records
+    (see :mod:`fedpeft.privacy.central`); ``min_train_clients`` does not raise it.
+    """
+    return config.federation.fraction_train
 
 
 def _client_noise(config: Config, target_epsilon: float) -> float:

@@ -145,12 +145,12 @@ def run_federation(
             bytes_down=sum(traffic.bytes_down_by_node.values()),
             clients=len(traffic.clients),
             seconds=time.monotonic() - started,
-            train_loss=sum(c.train_loss * c.num_examples for c in traffic.clients) / examples,
+            train_loss=sum(c.train_loss * c.num_examples for c in traffic.clients) / max(examples, 1),
             rejected=traffic.rejected,
             per_client=sorted(traffic.clients, key=lambda c: c.client_id),
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},
         )
-        record_privacy_events(ledger, config, server_round, trained, strategy.sampled, num_nodes(grid))
+        record_privacy_events(ledger, config, server_round, trained, strategy.releases)
         record.privacy.update(privacy_summary(ledger, config))
         history.rounds.append(record)
         # The checkpoint first: it is the record of truth a restart reads; metrics.json
@@ -235,7 +235,10 @@ def train_round(
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         traffic = strategy.traffic
         trained.extend(traffic.clients)
-        if len(traffic.clients) >= federation.min_train_clients:
+        # Under user-level DP a round is not sent again for too few replies (that would
+        # tell who was absent): its noised mean is released whatever came back.
+        released = strategy.central_privacy is not None
+        if len(traffic.clients) >= federation.min_train_clients or released:
             if new_arrays is not None:
                 global_state = record_to_state(new_arrays)
             return global_state, traffic, trained
@@ -293,20 +296,20 @@ def boosted_crafter(
     return craft
 
 
-def num_nodes(grid: Grid) -> int:
-    """How many clients are connected (the population the server samples from)."""
-    return len(list(grid.get_node_ids()))
-
-
 def record_privacy_events(
     ledger: PrivacyLedger,
     config: Config,
     server_round: int,
     clients: Iterable[ClientRoundRecord],
-    sampled: int,
-    population: int,
+    releases: Iterable[float],
 ) -> None:
-    """Add the round's DP events: each client's DP-SGD (as it reported) and the server's noise."""
+    """Add the round's DP events: each client's DP-SGD (as it reported) and the server's noise.
+
+    ``releases`` holds the client sample rate q of every noised mean the server
+    released in the round (one per attempt that made one): each is one
+    ``PoissonSampled(q, Gaussian(noise_multiplier))`` event, as
+    :mod:`fedpeft.privacy.central` samples and normalises.
+    """
     for client in clients:
         if client.dp_noise_multiplier is not None:
             ledger.record(
@@ -321,8 +324,8 @@ def record_privacy_events(
             )
     central = config.privacy.client
     if central.enabled:
-        rate = min(1.0, sampled / max(population, 1))
-        ledger.record(DpEvent(server_round, SERVER, "client", central.noise_multiplier, rate, 1))
+        for rate in releases:
+            ledger.record(DpEvent(server_round, SERVER, "client", central.noise_multiplier, rate, 1))
 
 
 def privacy_summary(ledger: PrivacyLedger, config: Config) -> dict[str, float]:

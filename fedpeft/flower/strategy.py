@@ -35,7 +35,7 @@ from fedpeft.flower.records import (
     state_to_record,
 )
 from fedpeft.history import ClientRoundRecord
-from fedpeft.privacy.central import noisy_mean
+from fedpeft.privacy.central import noisy_mean, poisson_sample
 
 logger = logging.getLogger("fedpeft")
 
@@ -86,19 +86,48 @@ class AdapterStrategy(Strategy):
         the state they keep on disk by it."""
         self._global: dict[str, Tensor] = {}
         self.traffic = RoundTraffic()
+        self.expected_clients = 0.0
+        """q N of the latest Poisson sampling: the noised mean's fixed denominator."""
+        self.releases: list[float] = []
+        """The client sample rate of each noised mean released in the current round (one
+        per release, for the ledger; empty without user-level DP)."""
+        self._releases_round = 0
 
     def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
-        """Wait for ``min_available_clients`` nodes, then draw a seeded sample."""
-        deadline = time.monotonic() + self.federation.round_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.federation.min_available_clients:
+        """Wait for enough connected nodes, then draw the round's cohort.
+
+        Under user-level DP (``privacy.client``) each connected node is drawn
+        independently with probability q = ``federation.fraction_train`` from OS
+        randomness (Poisson sampling, what the ledger's amplification assumes; see
+        :mod:`fedpeft.privacy.central`), and the server waits until the expected cohort
+        q N reaches ``min_train_clients``. Otherwise a fixed-size sample seeded from the
+        run seed (reproducible runs; no amplification is credited for it).
+        """
+        federation = self.federation
+        needed = federation.min_available_clients
+        if self.central_privacy is not None:
+            needed = max(needed, math.ceil(federation.min_train_clients / federation.fraction_train - 1e-9))
+        deadline = time.monotonic() + federation.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(nodes)} client(s) connected, "
-                    f"federation.min_available_clients = {self.federation.min_available_clients}"
+                    f"only {len(nodes)} client(s) connected, {needed} needed: "
+                    f"federation.min_available_clients = {federation.min_available_clients}"
+                    + (
+                        f", and under privacy.client the expected cohort federation.fraction_train "
+                        f"x clients must reach federation.min_train_clients = {federation.min_train_clients}"
+                        if self.central_privacy is not None
+                        else ""
+                    )
                 )
             time.sleep(1.0)
+        if server_round != self._releases_round:
+            self.releases, self._releases_round = [], server_round
+        if self.central_privacy is not None:
+            self.expected_clients = federation.fraction_train * len(nodes)
+            return poisson_sample(nodes, federation.fraction_train)
         rng = random.Random(self.run_seed * 7_919 + server_round)
-        return sorted(rng.sample(nodes, self.federation.clients_per_round(len(nodes))))
+        return sorted(rng.sample(nodes, federation.clients_per_round(len(nodes))))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -161,7 +190,17 @@ class AdapterStrategy(Strategy):
                 server_round,
             )
             return None, None
-        if len(updates) < self.federation.min_train_clients:
+        if self.central_privacy is not None and len(updates) < self.federation.min_train_clients:
+            # Under user-level DP the release must not depend on who took part: the
+            # noised mean (over q N) goes out anyway, noise alone if nobody replied.
+            logger.warning(
+                "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
+                "under privacy.client the noised mean is released all the same",
+                server_round,
+                len(updates),
+                self.federation.min_train_clients,
+            )
+        elif len(updates) < self.federation.min_train_clients:
             logger.warning(
                 "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
                 "the global adapter is unchanged",
@@ -175,15 +214,19 @@ class AdapterStrategy(Strategy):
         updates.sort(key=lambda u: u.client_id)
         privacy_metrics: dict[str, float] = {}
         if self.central_privacy is not None:
-            # User-level DP: the aggregator only ever sees the noised mean.
-            noised, privacy_metrics = noisy_mean(updates, self.sampled, self.central_privacy)
+            # User-level DP: the aggregator only ever sees the noised mean, divided by the
+            # expected cohort q N; each one computed is a release the ledger counts.
+            noised, privacy_metrics = noisy_mean(
+                updates, self.expected_clients, self.central_privacy, like=self._global
+            )
+            self.releases.append(self.federation.fraction_train)
             updates = [noised]
         result = self.aggregator.aggregate(self._global, updates)
         result = AggregationResult(result.state, {**privacy_metrics, **result.metrics})
         self.traffic.aggregation = result
         total = sum(n for _, n in losses)
         metrics = MetricRecord(
-            {"train-loss": sum(loss * n for loss, n in losses) / total, "num-examples": total}
+            {"train-loss": sum(loss * n for loss, n in losses) / max(total, 1), "num-examples": total}
         )
         return state_to_record(result.state), metrics
 

@@ -1,65 +1,115 @@
-"""User-level DP on the server: DP-FedAvg's clipped, equally weighted, noised mean.
+"""User-level DP on the server: DP-FedAvg's Poisson-sampled, clipped, noised mean.
 
 Paper: Learning Differentially Private Recurrent Language Models (McMahan et al., ICLR
-2018). Each client's decoded update is clipped to L2 norm C over all its tensors; the
-server sums the clipped updates, divides by the *planned* number of sampled clients m
-(not by how many replied, so one client changes the mean by at most C / m) and adds
-Gaussian noise of std ``sigma C / m``. The noised mean is then what the configured
-aggregator (FedAvg, FedAdam, ...) steps with, so everything after it is
-post-processing.
+2018). Each round every connected client is sampled independently with probability
+q = ``federation.fraction_train`` (Poisson sampling). Each sampled client's decoded
+update is clipped to L2 norm C over all its tensors; the server sums the clipped
+updates (in float64), divides by the *expected* cohort q N (N: the clients connected
+when the round is sampled), not by how many were sampled or replied, and adds Gaussian
+noise of std ``sigma C / (q N)``. Adding or removing one client changes the sum by at
+most C, so the noised mean is one Poisson-subsampled Gaussian mechanism
+``PoissonSampled(q, Gaussian(sigma))``, which is what the ledger records for every
+mean the server releases. The noised mean is then what the configured aggregator
+(FedAvg, FedAdam, ...) steps with, so everything after it is post-processing.
 
-Accounting assumption (stated in every report): clients are sampled with rate
-q = m / N. fedpeft samples a fixed-size subset, which the accountant treats as
-Poisson sampling with the same rate, the usual approximation in DP-FedAvg practice.
-The noise comes from OS randomness: clients must not be able to regenerate it.
+Notes:
+    The guarantee holds only if:
+
+    * The sampling is Poisson and secret: :func:`poisson_sample` draws from the
+      operating system's randomness, never from the run seed, so neither the clients
+      nor anyone who knows the config can tell who took part (the amplification by
+      subsampling needs that). Without user-level DP the server samples a fixed-size
+      subset seeded from the run seed (reproducible runs); no amplification is ever
+      credited for that sampling.
+    * The release does not depend on who took part: the mean of every round is
+      released, noised and divided by q N, however many clients were sampled or
+      replied (none: noise only); a round is never retried for too few replies, which
+      would tell who was absent. ``federation.min_train_clients`` is the smallest
+      *expected* cohort: the server waits until q N reaches it.
+    * N, the number of connected clients, is public (as the population size is in
+      McMahan et al.), and the server is trusted: it sees the clipped updates, and who
+      was sampled, before the noise.
+    * The noise comes from OS randomness: clients cannot regenerate it.
+
 """
 
 from __future__ import annotations
 
+import math
+import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
 from fedpeft.aggregation import ClientUpdate
 from fedpeft.aggregation._math import clip_update_norm, update_norm
 from fedpeft.config import ClientPrivacyConfig
 
 
+def poisson_sample(nodes: Sequence[int], sample_rate: float, rng: random.Random | None = None) -> list[int]:
+    """Each of ``nodes`` independently with probability ``sample_rate`` (sorted).
+
+    Args:
+        nodes: The population (node or client ids).
+        sample_rate: q in (0, 1].
+        rng: The source of the draws; None: the operating system's randomness
+            (``random.SystemRandom``), which a deployment must use. Only a
+            simulation of the process (the audit's shadow federations) passes a
+            seeded one.
+
+    """
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    draw = rng if rng is not None else random.SystemRandom()
+    return sorted(node for node in nodes if sample_rate == 1 or draw.random() < sample_rate)
+
+
 def noisy_mean(
     updates: Sequence[ClientUpdate],
-    planned_clients: int,
+    expected_clients: float,
     config: ClientPrivacyConfig,
     generator: torch.Generator | None = None,
+    like: Mapping[str, Tensor] | None = None,
 ) -> tuple[ClientUpdate, dict[str, float]]:
     """The DP-FedAvg mean of ``updates`` as one update, and diagnostics.
 
     Args:
-        updates: The decoded client updates of the round.
-        planned_clients: m, the number of clients sampled for the round.
+        updates: The decoded client updates of the round (may be empty).
+        expected_clients: q N, the fixed denominator (the expected cohort).
         config: Clipping norm and noise multiplier.
         generator: Noise source; None means fresh OS randomness.
+        like: Names and shapes of the update's tensors when ``updates`` is empty
+            (the global adapter); the mean is then noise alone.
+
+    Returns:
+        The noised mean (float32 tensors; ``client_id`` -1) and its diagnostics.
 
     """
-    if not updates:
-        raise ValueError("no update to average")
-    if planned_clients < len(updates):
-        raise ValueError(f"{len(updates)} updates but only {planned_clients} clients were sampled")
+    if not (math.isfinite(expected_clients) and expected_clients > 0):
+        raise ValueError(f"expected_clients must be a positive number, got {expected_clients}")
+    template = updates[0].delta if updates else like
+    if template is None:
+        raise ValueError("no update to average and no shapes (like) to noise")
     generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
     norms = [update_norm(u.delta) for u in updates]
-    total = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in updates[0].delta.items()}
+    # float64: a low-precision running sum would lose small updates next to large ones.
+    total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in template.items()}
     for update in updates:
         for name, t in clip_update_norm(update.delta, config.clipping_norm).items():
-            total[name] += t.float()
-    std = config.noise_multiplier * config.clipping_norm / planned_clients
+            total[name] += t.to(torch.float64)
+    std = config.noise_multiplier * config.clipping_norm / expected_clients
     mean = {
-        name: t / planned_clients + std * torch.randn(t.shape, generator=generator)
+        name: (t / expected_clients).float() + std * torch.randn(t.shape, generator=generator)
         for name, t in total.items()
     }
     ordered = sorted(norms)
     diagnostics = {
-        "dp_update_norm_median": ordered[len(ordered) // 2],
-        "dp_clipped_fraction": sum(n > config.clipping_norm for n in norms) / len(norms),
+        "dp_clients": float(len(updates)),
+        "dp_expected_clients": float(expected_clients),
+        "dp_update_norm_median": ordered[len(ordered) // 2] if ordered else 0.0,
+        "dp_clipped_fraction": sum(n > config.clipping_norm for n in norms) / len(norms) if norms else 0.0,
         "dp_noise_std": std,
     }
     return ClientUpdate(client_id=-1, delta=mean, num_examples=1), diagnostics

@@ -74,13 +74,13 @@ def test_clipping_bounds_every_update() -> None:
     assert torch.equal(clip_update(small, 1.0)["a"], small["a"])
 
 
-def test_noiseless_dp_fedavg_is_the_equal_weight_mean_of_clipped_updates_over_planned_clients() -> None:
+def test_noiseless_dp_fedavg_is_the_equal_weight_mean_of_clipped_updates_over_the_expected_cohort() -> None:
     updates = [
         ClientUpdate(0, {"w": torch.tensor([3.0, 4.0])}, num_examples=100),  # norm 5 -> clipped to 1
         ClientUpdate(1, {"w": torch.tensor([0.3, 0.4])}, num_examples=1),
     ]
     config = ClientPrivacyConfig(enabled=True, clipping_norm=1.0, noise_multiplier=0.0)
-    mean, diagnostics = noisy_mean(updates, planned_clients=4, config=config)
+    mean, diagnostics = noisy_mean(updates, expected_clients=4, config=config)
     torch.testing.assert_close(mean.delta["w"], (torch.tensor([0.6, 0.8]) + torch.tensor([0.3, 0.4])) / 4)
     assert diagnostics["dp_clipped_fraction"] == 0.5
 
@@ -91,5 +91,8 @@ def test_server_noise_has_the_calibrated_std() -> None:
     mean, diagnostics = noisy_mean(updates, 10, config, torch.Generator().manual_seed(0))
     assert diagnostics["dp_noise_std"] == pytest.approx(0.1)
     assert float(mean.delta["w"].std()) == pytest.approx(0.1, rel=0.03)
-    with pytest.raises(ValueError, match="sampled"):
-        noisy_mean(updates, 3, config)
+    # Poisson sampling may draw more clients than expected: the denominator stays q N.
+    more, _ = noisy_mean(updates, 2.5, config)
+    assert more.delta["w"].shape == (20_000,)
+    with pytest.raises(ValueError, match="expected_clients"):
+        noisy_mean(updates, 0, config)

@@ -26,8 +26,17 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 Task = Literal["sequence-classification", "causal-lm"]
 
 
+DEFAULT_DELTA = 1e-5
+"""The delta a DP section uses when the config sets none (with a warning at start)."""
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2**32) (numpy's range): per-client torch seeds are derived as
+``seed x 1_000_003 + round x 1_009 + client``, which then stays far inside the
+[-2**63, 2**64) that ``torch.manual_seed`` accepts."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: nan or inf in any float key (TOML has both) is refused by name.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -52,7 +61,7 @@ class AdapterConfig(_Section):
     keys are checked against that config class's fields when the config is loaded.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     method: str = "lora"
     freeze_lora_a: bool = False
@@ -193,7 +202,9 @@ class ExamplePrivacyConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float | None = Field(default=None, ge=0)
     target_epsilon: float | None = Field(default=None, gt=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
+    delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1)
+    """Must be below 1/n for every client's n examples (checked once the data is
+    partitioned); unset: 1e-5, with a warning at start and in ``metrics.json``."""
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
 
@@ -215,7 +226,8 @@ class ClientPrivacyConfig(_Section):
     enabled: bool = False
     clipping_norm: float = Field(default=1.0, gt=0)
     noise_multiplier: float = Field(default=1.0, ge=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
+    delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1)
+    """Must be below 1/(number of clients); unset: 1e-5, with a warning at start."""
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -275,7 +287,7 @@ class AttackConfig(_Section):
 class AuditVariant(BaseModel):
     """One entry of ``audit.compare``, parsed: ``none|example:<eps>|client:<eps>[@<batch_size>]``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     unit: Literal["example", "client"] | None
     """What DP protects: one example (DP-SGD on clients), one client (DP-FedAvg on the
@@ -393,7 +405,7 @@ class AuditConfig(_Section):
 class Config(_Section):
     """A whole run. Mirrors the sections of ``configs/*.toml``."""
 
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -423,6 +435,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> Config:
+        central = self.privacy.client
+        if central.enabled and self.partition.scheme != "column":  # column: once partitioned
+            check_client_delta(central.delta, self.partition.num_clients)
         if not self.privacy.example.enabled:
             return self
         if self.train.grad_accumulation != 1:
@@ -450,9 +465,51 @@ class Config(_Section):
             raise ValueError("slora: stage 1 has no LoRA factors for aggregator lora_product; use fedavg")
         return self
 
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        # Refused here what the run would otherwise refuse only once it got there.
+        if self.federation.aggregator == "lora_product":
+            if self.adapter.freeze_lora_a:
+                raise ValueError(
+                    "federation.aggregator: lora_product needs trainable LoRA A and B (with "
+                    "adapter.freeze_lora_a, plain fedavg is already exact)"
+                )
+            if self.adapter.method.lower() not in ("lora", "adalora"):
+                raise ValueError(
+                    f"federation.aggregator: lora_product needs LoRA factors, not adapter.method "
+                    f"{self.adapter.method!r}"
+                )
+        audit = self.audit
+        shadows = audit.membership_examples and audit.shadow_models
+        if shadows and audit.shadow_training == "federated" and self.slora.rounds:
+            raise ValueError(
+                "audit.shadow_training = 'federated' cannot rerun SLoRA's stage switch; set "
+                "audit.shadow_training = 'local' (or audit.shadow_models = 0)"
+            )
+        return self
+
+    def warnings(self) -> list[str]:
+        """What the run should say at start and keep in ``metrics.json`` (``warnings``)."""
+        notes = []
+        for unit, section in (("example", self.privacy.example), ("client", self.privacy.client)):
+            if section.enabled and "delta" not in section.model_fields_set:
+                notes.append(
+                    f"privacy.{unit}.delta is not set: using {DEFAULT_DELTA:g}; set it below "
+                    f"1/n for the {'examples of a client' if unit == 'example' else 'clients'} (n)"
+                )
+        return notes
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain data, ``None`` values dropped (TOML has no null)."""
-        return _drop_none(self.model_dump(mode="json"))
+        """Plain data, ``None`` values dropped (TOML has no null).
+
+        A ``delta`` the config did not set is left out too, so that the resolved config
+        (sent to the server and the devices, kept in the run folder) still says so.
+        """
+        data = _drop_none(self.model_dump(mode="json"))
+        for unit, section in (("example", self.privacy.example), ("client", self.privacy.client)):
+            if "delta" not in section.model_fields_set:
+                data["privacy"][unit].pop("delta", None)
+        return data
 
     def to_toml(self) -> str:
         """The resolved config as TOML text; :func:`parse_config` reads it back."""
@@ -463,6 +520,53 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """A short hash of the resolved config, for caches and reports."""
         return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
+
+
+def check_client_delta(delta: float, clients: int) -> None:
+    """Refuse a user-level ``delta`` that is not below 1/(number of clients).
+
+    Raises:
+        ValueError: ``delta >= 1/clients``: a mechanism may then expose a whole client
+            outright and still meet (epsilon, delta) (TF Privacy and Opacus ask delta << 1/n).
+
+    """
+    if delta * clients >= 1:
+        raise ValueError(
+            f"privacy.client.delta = {delta:g} is not below 1/n for n = {clients} clients "
+            f"(1/n = {1 / clients:.3g}); choose delta << 1/n"
+        )
+
+
+def check_example_delta(delta: float, sizes: Iterable[int]) -> None:
+    """Refuse an example-level ``delta`` that is not below 1/n for every client's n examples.
+
+    Each client's guarantee is over its own dataset, so the largest client is the one
+    that binds: a delta of 1/n lets a mechanism leak one of n examples outright.
+
+    Raises:
+        ValueError: Names the largest client with ``delta >= 1/n`` and its n.
+
+    """
+    sizes = list(sizes)
+    offending = [(size, client) for client, size in enumerate(sizes) if delta * size >= 1]
+    if offending:
+        size, client = max(offending)
+        raise ValueError(
+            f"privacy.example.delta = {delta:g} is not below 1/n for client {client} with n = {size} "
+            f"examples (1/n = {1 / size:.3g}); choose delta << 1/n (set privacy.example.delta)"
+        )
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Refuse nan and inf anywhere in plain config data (also in free-form options)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number")
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
 
 
 def _drop_none(value: Any) -> Any:
@@ -510,7 +614,16 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
-    """Validate plain data into a :class:`Config`; errors name the dotted key."""
+    """Validate plain data into a :class:`Config`; errors name the dotted key.
+
+    Everything that needs no model and no data is checked here: keys and values, nan
+    and inf anywhere, combinations the run would refuse later, the peft options, and
+    the codec, aggregator and attack names with their options (each is built once).
+    """
+    try:
+        _check_finite(data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
@@ -521,11 +634,32 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
             message = "unknown key"
         problems = len(err.errors())
         more = f" (and {problems - 1} more problem(s))" if problems > 1 else ""
+        if first["type"] == "value_error" and not first["loc"]:
+            # A whole-config check: its message names its keys.
+            raise ConfigError(f"{source}: {first['ctx']['error']}{more}") from None
         raise ConfigError(f"{source}: {key}: {message}{more}") from None
     from fedpeft.models import build_peft_config  # local: models imports torch/peft
 
     build_peft_config(config.adapter, config.model.task)
+    _check_extensions(config, source)
     return config
+
+
+def _check_extensions(config: Config, source: str) -> None:
+    """Build the codec, aggregator and attack once, so a bad name or option fails now."""
+    from fedpeft.aggregation import AGGREGATORS
+    from fedpeft.attacks import ATTACKS
+    from fedpeft.codecs import CODECS
+
+    federation = config.federation
+    try:
+        CODECS.build(federation.codec, federation.codec_options, "federation.codec_options")
+        AGGREGATORS.build(
+            federation.aggregator, federation.aggregator_options, "federation.aggregator_options"
+        )
+        ATTACKS.build(config.attack.name, config.attack.options, "attack.options")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -541,6 +675,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return parse_config(apply_overrides(data, overrides), source)
 
 

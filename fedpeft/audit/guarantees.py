@@ -10,12 +10,23 @@ import math
 from typing import Any
 
 from fedpeft.config import Config
-from fedpeft.privacy.ledger import SERVER, Accountant, PrivacyLedger, Unit, epsilon_of
+from fedpeft.privacy.ledger import (
+    SERVER,
+    Accountant,
+    PrivacyLedger,
+    Unit,
+    epsilon_of,
+    example_epsilon_of_client_dp,
+)
 
 
 def _finite(value: float) -> float | None:
     """JSON has no infinity: an unbounded epsilon is written as null."""
     return value if math.isfinite(value) else None
+
+
+def _text(epsilon: float | None) -> str:
+    return "unbounded" if epsilon is None else f"{epsilon:.2f}"
 
 
 def _epsilon_by_round(
@@ -58,8 +69,9 @@ def assumptions_of(config: Config, smallest_client: int) -> list[str]:
         notes += [
             "Unit: a whole client (user-level DP-FedAvg on the server). It trusts the server, "
             "which sees the clipped updates before noise.",
-            "Fixed-size client sampling is accounted as Poisson sampling at the same rate "
-            "(the usual approximation).",
+            "Clients are Poisson-sampled at q = federation.fraction_train from operating-system "
+            "randomness, and the noised mean divides by the expected cohort q N however many "
+            "replied; the ledger records one subsampled Gaussian at q per released mean.",
         ]
     return notes
 
@@ -98,6 +110,7 @@ def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list
         )
     if central.enabled:
         by_round = _epsilon_by_round(ledger, SERVER, "client", central.delta, central.accountant, rounds)
+        per_example = _finite(example_epsilon_of_client_dp(ledger.select(SERVER, "client"), central.delta))
         section["units"].append(
             {
                 "unit": "client",
@@ -110,7 +123,15 @@ def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list
                 "epsilon_final": {SERVER: by_round[-1]},
                 "epsilon_max": by_round[-1],
                 "epsilon_by_round": {SERVER: by_round},
+                "epsilon_example": per_example,
             }
+        )
+        section["assumptions"].append(
+            f"The client-level epsilon ({_text(by_round[-1])}) is not a per-example bound: one "
+            "example can move its client's clipped update by 2C, so one example of a client is "
+            f"protected at epsilon {_text(per_example)} (delta {central.delta:g}; replace-one "
+            "accounting of the same ledger events with dp_accounting's PLD), the number this "
+            "report compares attacks with."
         )
     return section
 
@@ -119,7 +140,10 @@ def example_epsilon(section: dict[str, Any], clients: list[int]) -> float | None
     """The epsilon that protects one example of ``clients`` (None: no guarantee).
 
     Example-level DP bounds it directly (largest over those clients); user-level DP
-    bounds it too, since an example is part of its client. The smaller bound holds.
+    bounds it too, but not at its client-level epsilon: one example moves its client's
+    clipped update by up to 2C, so the bound is the replace-one ``epsilon_example`` of
+    the same events (:func:`fedpeft.privacy.ledger.example_epsilon_of_client_dp`). The
+    smaller bound holds.
     """
     bounds = []
     for unit in section["units"]:
@@ -127,6 +151,6 @@ def example_epsilon(section: dict[str, Any], clients: list[int]) -> float | None
             values = [unit["epsilon_final"].get(str(c)) for c in clients]
             if values and all(v is not None for v in values):
                 bounds.append(max(values))
-        elif unit["epsilon_max"] is not None:
-            bounds.append(unit["epsilon_max"])
+        elif unit.get("epsilon_example") is not None:
+            bounds.append(unit["epsilon_example"])
     return min(bounds) if bounds else None

@@ -200,7 +200,8 @@ def audit_variant(
             torch.set_num_threads(threads)
         load_adapter_state(model, checkpoint.global_state)
     membership = membership_section(plan, target_losses, shadows)
-    delta = config.privacy.example.delta
+    # The delta of the bound that was reported (user-level DP's when only it is on).
+    delta = config.privacy.example.delta if config.privacy.example.enabled else config.privacy.client.delta
     one_run = one_run_section(membership, canaries, reported, delta, config.audit.confidence)
     if membership is not None:
         membership = {k: v for k, v in membership.items() if k not in ("scores", "included")}

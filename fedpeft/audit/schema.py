@@ -47,6 +47,7 @@ _UNIT = {
         "target_epsilon": _NUMBER_OR_NULL,
         "epsilon_final": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
         "epsilon_max": _NUMBER_OR_NULL,
+        "epsilon_example": _NUMBER_OR_NULL,
         "epsilon_by_round": {
             "type": "object",
             "additionalProperties": {"type": "array", "items": _NUMBER_OR_NULL},

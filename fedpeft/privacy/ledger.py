@@ -148,6 +148,39 @@ def epsilon_of(events: Sequence[DpEvent], delta: float, accountant: Accountant =
     raise ValueError(f"unknown accountant {accountant!r} (rdp or prv)")
 
 
+def example_epsilon_of_client_dp(events: Sequence[DpEvent], delta: float) -> float:
+    """Epsilon at ``delta`` for one *example* of a client, implied by user-level DP ``events``.
+
+    User-level DP's epsilon protects a whole client against its absence (add/remove one
+    client); it is not a per-example bound at the same epsilon. Adding, removing or
+    replacing one example leaves its client in the federation but may move the client's
+    clipped update anywhere in the ball of radius C, so two updates differ by up to 2C:
+    a sensitivity-2 question (for q = 1 exactly the Gaussian at noise multiplier
+    sigma / 2). Under Poisson sampling the pair of output distributions is
+    ``(1 - q) N(0) + q N(-C)`` against ``(1 - q) N(0) + q N(+C)``, which
+    ``dp_accounting``'s PLD accountant computes tightly with
+    ``NeighboringRelation.REPLACE_ONE`` from the same
+    ``PoissonSampled(q, Gaussian(sigma))`` events; that is what this returns.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    active = [e for e in events if e.steps > 0]
+    if not active:
+        return 0.0
+    if any(e.noise_multiplier == 0 for e in active):
+        return math.inf
+    # Equal events compose as one self-composition: a PLD per round would take minutes.
+    steps: dict[tuple[float, float], int] = {}
+    for e in active:
+        key = (e.sample_rate, e.noise_multiplier)
+        steps[key] = steps.get(key, 0) + e.steps
+    accountant = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for (rate, sigma), count in steps.items():
+        sampled = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(sampled, count))
+    return float(accountant.get_epsilon(delta))
+
+
 MAX_NOISE_MULTIPLIER = 100.0
 """Above this the noise drowns any update: a target needing more is refused."""
 

@@ -54,12 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser(
         "deploy",
         help="run a federation on real SuperNodes through a SuperLink (flwr run)",
-        description="Validates the config here, then submits it whole to the SuperLink named in "
-        "the Flower configuration file (server/connect.sh makes one) and streams the run's log. "
-        "The server writes the run folder on its own machine.",
+        description="Validates the config here (as fedpeft validate does: keys, combinations, and the "
+        "data read, partitioned and checked against the DP settings, without loading the model), "
+        "then submits it whole to the SuperLink named in the Flower configuration file "
+        "(server/connect.sh makes one) and streams the run's log. The server writes the run folder "
+        "on its own machine.",
     )
     _add_config_args(deploy)
     deploy.add_argument("--superlink", required=True, help="SuperLink connection name (server/connect.sh)")
+    deploy.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="do not read the configured data here (it lives only on the server and the devices)",
+    )
     _add_run_folder_args(deploy, " on the server machine")
 
     attack = commands.add_parser(
@@ -105,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(no training)",
     )
 
-    validate = commands.add_parser("validate", help="check a config and print it resolved")
+    validate = commands.add_parser(
+        "validate",
+        help="check a config and its data, and print the config resolved",
+        description="Checks every key and combination, then reads the data files (every row must "
+        "have its text and label, in UTF-8), partitions them and checks the DP settings against "
+        "the partitions (delta below 1/n, a reachable target_epsilon), without loading the model. "
+        "Prints the resolved config; warnings and the data summary go to stderr.",
+    )
     _add_config_args(validate)
     return parser
 
@@ -269,13 +283,44 @@ def _deploy(args: argparse.Namespace) -> int:
     from fedpeft.flower.deployment import deploy
 
     config, out_dir, resume = _run_target(args)
+    if not args.skip_data_check:
+        _check_data(config)
+    _print_warnings(config)
     return deploy(config, args.superlink, out_dir, resume)
 
 
 def _validate(args: argparse.Namespace) -> None:
     from fedpeft.config import load_config
 
-    print(load_config(args.config, args.overrides).to_toml(), end="")
+    config = load_config(args.config, args.overrides)
+    _check_data(config)
+    _print_warnings(config)
+    print(config.to_toml(), end="")
+
+
+def _check_data(config: Config) -> None:
+    """Read, check and partition the data and check DP against it; no model is loaded.
+
+    Raises:
+        DataError: A file is missing, unreadable, or a row lacks a field (file and line named).
+        ConfigError: The partitions cannot be made, or a DP setting does not fit them.
+
+    """
+    from fedpeft.experiment import Experiment
+
+    experiment = Experiment(config)  # not the cached one: nothing here is kept
+    _ = experiment.privacy_plan  # reads the data, partitions it, checks delta and target_epsilon
+    sizes = experiment.partitions.sizes()
+    print(
+        f"fedpeft: data: {len(experiment.data.train)} training rows in {len(sizes)} partitions "
+        f"({min(sizes)}..{max(sizes)} examples), {len(experiment.data.test)} test rows",
+        file=sys.stderr,
+    )
+
+
+def _print_warnings(config: Config) -> None:
+    for warning in config.warnings():
+        print(f"fedpeft: warning: {warning}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

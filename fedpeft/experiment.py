@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from fedpeft.aggregation import AGGREGATORS, Aggregator, ClippedUpdates
 from fedpeft.audit.plan import AuditPlan
 from fedpeft.codecs import CODECS, UpdateCodec
-from fedpeft.config import Config, TrainConfig
+from fedpeft.config import Config, TrainConfig, check_example_delta
 from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
 from fedpeft.errors import ConfigError
 from fedpeft.models import AdapterState, LoadedModel, adapter_state, build_model
@@ -170,12 +170,17 @@ class Experiment:
 
         Fixed, or calibrated so that the client's planned participation (every round,
         ``steps_per_round`` Poisson steps each) spends at most ``target_epsilon``.
-        Computed for every client at start, so an impossible target fails before any
-        training, naming the client and the numbers.
+        Computed for every client at start, so an impossible target, or a ``delta`` not
+        below 1/n for a client's n examples, fails before any training, naming the client
+        and the numbers.
         """
         privacy = self.config.privacy.example
         if not privacy.enabled:
             return {}
+        try:
+            check_example_delta(privacy.delta, self.partitions.sizes())
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         plan = {}
         for client_id, size in enumerate(self.partitions.sizes()):
             if privacy.noise_multiplier is not None:

@@ -187,6 +187,9 @@ def new_history(
     progress: Callable[[str], None],
 ) -> RunHistory:
     """The run's metadata and the initial adapter's central evaluation (round 0)."""
+    warnings = config.warnings()  # an unset delta: said at start, kept in metrics.json
+    for warning in warnings:
+        progress(f"warning: {warning}")
     experiment.prepare_round(1)
     initial = evaluate_state(experiment, global_state)
     progress(
@@ -209,6 +212,7 @@ def new_history(
             # Names this run to its clients; kept in the checkpoint, so a resumed run is
             # the same run to the state they keep on disk.
             "run_key": uuid.uuid4().hex,
+            "warnings": warnings,
         },
         initial={"accuracy": initial.accuracy, "loss": initial.loss},
     )

@@ -133,11 +133,16 @@ def build_client_app(
         values: dict[str, int | float | list[int] | list[float]] = {
             "client-id": client_id,
             "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
             "steps": result.steps,
             "train-seconds": time.monotonic() - started,
         }
-        if result.privacy is not None:
+        if result.privacy is None:
+            values["train-loss"] = result.train_loss
+        else:
+            # Under DP-SGD only noised results leave the client: the training loss is an
+            # un-noised function of every example, so it stays here. num-examples is
+            # assumed public (as in Opacus and TF Privacy); steps follow from it and the
+            # config; train-seconds tells no more than the reply's arrival time does.
             values.update(
                 {
                     "dp-noise-multiplier": result.privacy.noise_multiplier,

@@ -148,7 +148,13 @@ class FederationConfig(_Section):
 
     rounds: int = Field(default=5, gt=0)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
+    """Share of the connected clients sampled per round: a fixed-size subset seeded from
+    the run seed; under ``privacy.client`` the Poisson rate q, drawn from OS randomness
+    (see :mod:`fedpeft.privacy.central`)."""
     min_train_clients: int = Field(default=2, ge=1)
+    """Usable updates a round needs, else it is sent again. Under ``privacy.client`` the
+    smallest *expected* cohort instead: sampling waits until q x clients reaches it, and
+    every round's noised mean is released however many replied."""
     min_available_clients: int = Field(default=2, ge=1)
     codec: str = "dense"
     codec_options: dict[str, Any] = Field(default_factory=dict)
@@ -169,7 +175,9 @@ class FederationConfig(_Section):
     def clients_per_round(self, available: int) -> int:
         """How many of ``available`` clients the server samples each round.
 
-        One rule for the strategy and for whoever calibrates noise to its sampling rate.
+        The seeded fixed-size sample without user-level DP; under ``privacy.client`` the
+        server samples by Poisson at ``fraction_train`` instead, and that is the rate
+        noise is calibrated and accounted with.
         """
         return min(max(math.ceil(available * self.fraction_train), self.min_train_clients), available)
 
@@ -218,9 +226,10 @@ class ExamplePrivacyConfig(_Section):
 class ClientPrivacyConfig(_Section):
     """Server-side user-level DP (DP-FedAvg, McMahan et al. 2018): protects a whole *client*.
 
-    The server clips each client's decoded update to L2 norm ``clipping_norm``, averages
-    with equal weights over the sampled clients and adds Gaussian noise of std
-    ``noise_multiplier x clipping_norm / sampled clients`` before the aggregator steps.
+    The server Poisson-samples clients at q = ``federation.fraction_train``, clips each
+    decoded update to L2 norm ``clipping_norm``, sums them, divides by the expected
+    cohort q N and adds Gaussian noise of std ``noise_multiplier x clipping_norm / (q N)``
+    before the aggregator steps (:mod:`fedpeft.privacy.central`).
     """
 
     enabled: bool = False

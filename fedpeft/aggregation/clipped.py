@@ -70,7 +70,7 @@ class ClippedUpdates:
             "clipped_updates": float(sum(norm > self.max_update_norm for norm in norms)),
             "update_norm_median": statistics.median(norms),
         }
-        return AggregationResult(result.state, metrics)
+        return AggregationResult(result.state, metrics, result.warnings)
 
     def state_dict(self) -> dict[str, Any]:
         """The inner aggregator's state (clipping itself keeps none)."""

@@ -10,7 +10,8 @@ Notes:
     kept delta, so example counts play no part; Multi-Krum (``m > 1``) averages the kept
     deltas weighted by example count, like Flower's ``Krum`` with
     ``num_clients_to_keep = m``. Krum's guarantee needs ``n > 2f + 2``; with fewer
-    clients the rule still runs (as Flower's does) but guarantees nothing. Equal scores
+    clients the rule still runs (as Flower's does) but guarantees nothing, and the
+    round carries a warning (logged, and recorded once in metrics.json). Equal scores
     are broken by the lower client id, so the choice does not depend on reply order.
 
 """
@@ -60,7 +61,14 @@ class Krum:
         kept = [updates[i] for i in ranked[: self.num_to_keep]]
         mean_delta = weighted_mean([u.delta for u in kept], [float(u.num_examples) for u in kept])
         metrics = {"krum_kept": float(len(kept)), "krum_best_score": scores[ranked[0]]}
-        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics)
+        warnings: tuple[str, ...] = ()
+        needed = 2 * self.num_malicious + 3
+        if len(updates) < needed:
+            warnings = (
+                f"krum: {len(updates)} client(s), fewer than 2 * num_malicious + 3 = {needed}; "
+                "the rule runs but tolerates no poisoned client",
+            )
+        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics, warnings)
 
     def state_dict(self) -> dict[str, Any]:
         """Krum keeps no state between rounds."""

@@ -9,12 +9,14 @@ Notes:
     ``FedTrimmedAvg`` (``aggregate_trimmed_avg``, after scipy's ``trim_mean``) does.
     ``int`` rounds down: with ``beta = 0.2`` nothing is cut below 5 clients, and the
     rule is then the unweighted mean. It tolerates up to ``int(beta * n)`` poisoned
-    clients per coordinate. Example counts are ignored.
+    clients per coordinate. Example counts are ignored. A round in which ``beta > 0``
+    cuts nothing carries a warning (logged, and recorded once in metrics.json).
 
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,8 +50,17 @@ class TrimmedMean:
     ) -> AggregationResult:
         """Average the deltas after cutting the extremes per coordinate, and step."""
         mean_delta = coordinate_trimmed_mean([u.delta for u in updates], self.beta)
-        metrics = {"trimmed_per_side": float(trimmed_count(len(updates), self.beta))}
-        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics)
+        cut = trimmed_count(len(updates), self.beta)
+        metrics = {"trimmed_per_side": float(cut)}
+        warnings: tuple[str, ...] = ()
+        if cut == 0 and self.beta > 0:
+            # Said out loud: the configured robust rule silently being the plain mean
+            # is what an operator counting on it would least expect.
+            warnings = (
+                f"trimmed_mean: beta = {self.beta:g} cuts no value with {len(updates)} client(s) "
+                f"(it needs at least {math.ceil(1 / self.beta)}); the round is the plain mean",
+            )
+        return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics, warnings)
 
     def state_dict(self) -> dict[str, Any]:
         """The trimmed mean keeps no state between rounds."""

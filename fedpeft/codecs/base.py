@@ -82,3 +82,30 @@ def check_payload_names(payload: Mapping[str, Tensor], expected: Iterable[str]) 
         raise PayloadError(f"payload lacks tensor(s) {sorted(missing)[:3]}")
     if unexpected:
         raise PayloadError(f"payload has unexpected tensor(s) {sorted(unexpected)[:3]}")
+
+
+def check_decoded_delta(delta: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:
+    """Raise PayloadError unless ``delta`` fits ``reference`` and is finite.
+
+    Run on every decoded delta, whatever the codec: a codec checks its payload, but
+    finite payload values can still decode to Inf (projection coefficients near the
+    float32 maximum times a direction), and the aggregator must only ever see deltas
+    with the global adapter's names, shapes and dtypes.
+
+    Args:
+        delta: name -> tensor, as ``decode`` returned it.
+        reference: name -> tensor, the global adapter the delta applies to.
+
+    """
+    check_payload_names(delta, reference)
+    for name, ref in reference.items():
+        tensor = delta[name]
+        if not isinstance(tensor, Tensor) or tensor.shape != ref.shape or tensor.dtype != ref.dtype:
+            got = (
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+                if isinstance(tensor, Tensor)
+                else type(tensor).__name__
+            )
+            raise PayloadError(f"decoded delta {name}: {got}, expected {ref.dtype} {tuple(ref.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise PayloadError(f"decoded delta {name}: contains NaN or Inf")

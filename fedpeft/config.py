@@ -447,6 +447,14 @@ class Config(_Section):
         central = self.privacy.client
         if central.enabled:  # 'column' partitions must also come out num_clients many
             check_client_delta(central.delta, self.partition.num_clients)
+            expected = self.federation.fraction_train * self.partition.num_clients
+            if expected < self.federation.min_train_clients - 1e-9:
+                # Poisson sampling waits for an expected cohort q N >= min_train_clients.
+                raise ValueError(
+                    f"privacy.client: the expected cohort federation.fraction_train x "
+                    f"partition.num_clients = {expected:g} is below federation.min_train_clients "
+                    f"= {self.federation.min_train_clients}; raise fraction_train or lower min_train_clients"
+                )
         if not self.privacy.example.enabled:
             return self
         if self.train.grad_accumulation != 1:

@@ -148,3 +148,18 @@ def test_too_few_replies_still_release_the_mean_over_q_n_once(tiny_config_data: 
     ledger = json.loads((tmp_path / "privacy_ledger.json").read_text())
     assert [(e["party"], e["sample_rate"]) for e in ledger] == [(SERVER, 1.0)]
     assert_global(tmp_path, _expected_global(config, [0], 3.0))
+
+
+def test_a_config_whose_expected_cohort_cannot_reach_min_train_clients_fails_at_load() -> None:
+    from fedpeft.config import parse_config
+    from fedpeft.errors import ConfigError
+
+    data = {
+        "partition": {"num_clients": 10},
+        "federation": {"fraction_train": 0.1, "min_train_clients": 2},
+        "privacy": {"client": {"enabled": True, "delta": 1e-3}},
+    }
+    with pytest.raises(ConfigError, match=r"fraction_train x partition.num_clients = 1 .*min_train_clients"):
+        parse_config(data)
+    data["federation"]["fraction_train"] = 0.2
+    assert parse_config(data).federation.fraction_train == 0.2

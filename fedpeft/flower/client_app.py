@@ -15,7 +15,7 @@ from flwr.clientapp.typing import Mod
 from fedpeft.attacks.drawn_batches import save_drawn_batches
 from fedpeft.client import run_client_round
 from fedpeft.config import Config, parse_config
-from fedpeft.errors import ConfigError, PrivacyBudgetExhausted
+from fedpeft.errors import ClientStateError, ConfigError, PrivacyBudgetExhausted
 from fedpeft.experiment import Experiment
 from fedpeft.flower.client_state import load_client_state, save_client_state
 from fedpeft.flower.fault_injection import inject_faults
@@ -108,7 +108,10 @@ def build_client_app(
         # The client's DP events and codec memory persist in its own state, so epsilon
         # composes over every round it takes part in (across a resumed run too, with
         # the node config state-dir).
-        state = load_client_state(context, run_key)
+        try:
+            state = load_client_state(context, run_key)
+        except ClientStateError as err:  # a bad run key, or a ledger no copy of which is readable
+            return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
         try:
             result = run_client_round(
                 experiment,

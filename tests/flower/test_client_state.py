@@ -138,3 +138,28 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path: Path) ->
     assert path.read_text(encoding="utf-8") == "seed = 1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 
+
+
+@pytest.mark.parametrize("key", ["../../..", "/tmp/x"])
+def test_a_client_declines_a_round_whose_run_key_is_bad(tiny_config_data: dict, tmp_path: Path, key: str) -> None:
+    from flwr.app import ConfigRecord, Message, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpeft.config import parse_config
+    from fedpeft.experiment import Experiment
+    from fedpeft.flower.client_app import build_client_app
+    from fedpeft.flower.records import DECLINED, GLOBAL_ADAPTER, ROUND_CONFIG, state_to_record
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    experiment = Experiment(parse_config(tiny_config_data))
+    Experiment._cache[experiment.config.fingerprint()] = experiment
+    content = RecordDict(
+        {
+            GLOBAL_ADAPTER: state_to_record(experiment.initial_state),
+            ROUND_CONFIG: ConfigRecord({"server-round": 1, "run-key": key}),
+        }
+    )
+    message = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+    reply = build_client_app(lambda _: experiment.config)(message, node(tmp_path / "state"))
+    assert f"run key {key!r}" in str(reply.content.config_records[DECLINED]["reason"])
+    assert not (tmp_path / "state").exists() and not any(tmp_path.rglob(LEDGER_FILE))

@@ -510,9 +510,10 @@ class Config(_Section):
         notes = []
         for unit, section in (("example", self.privacy.example), ("client", self.privacy.client)):
             if section.enabled and "delta" not in section.model_fields_set:
+                n = "n the largest client's examples" if unit == "example" else "n the number of clients"
                 notes.append(
-                    f"privacy.{unit}.delta is not set: using {DEFAULT_DELTA:g}; set it below "
-                    f"1/n for the {'examples of a client' if unit == 'example' else 'clients'} (n)"
+                    f"privacy.{unit}.delta is not set: using {DEFAULT_DELTA:g}; choose it well below "
+                    f"1/n ({n}) and set it"
                 )
         return notes
 

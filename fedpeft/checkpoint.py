@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class RoundCheckpoint:
         ledger: Every DP event of the completed rounds.
         history: ``metrics.json`` up to ``completed_round``.
         finished: True once the run completed its last round.
+        node_clients: Flower node id -> the client id bound to it (deployment), so a
+            resumed run still refuses a node speaking for another.
 
     """
 
@@ -62,6 +64,7 @@ class RoundCheckpoint:
     ledger: PrivacyLedger
     history: RunHistory
     finished: bool = False
+    node_clients: dict[int, int] = field(default_factory=dict)
 
 
 def checkpoint_path(run_folder: Path) -> Path:
@@ -83,6 +86,7 @@ def save_checkpoint(run_folder: Path, checkpoint: RoundCheckpoint) -> Path:
         # Plain JSON text: loads under torch.load(weights_only=True) and stays readable.
         "ledger": checkpoint.ledger.to_json(),
         "history": json.dumps(checkpoint.history.to_dict()),
+        "node_clients": json.dumps({str(node): client for node, client in checkpoint.node_clients.items()}),
     }
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -122,6 +126,8 @@ def load_checkpoint(run_folder: Path) -> RoundCheckpoint | None:
             ledger=PrivacyLedger.from_json(data["ledger"]),
             history=RunHistory.from_dict(json.loads(data["history"])),
             finished=bool(data["finished"]),
+            # Absent in checkpoints written before node binding: nothing was bound then.
+            node_clients={int(k): int(v) for k, v in json.loads(data.get("node_clients", "{}")).items()},
         )
     except CheckpointError:
         raise

@@ -164,6 +164,11 @@ class FederationConfig(_Section):
     """Server-side: scale each decoded update down to this L2 norm (over all its tensors)
     before the aggregator sees it, to bound poisoned updates; unset: no clipping. Not DP
     (no noise); with ``privacy.client`` it clips the already noised mean."""
+    max_client_examples: int | None = Field(default=None, gt=0)
+    """The most examples a client's update is weighted by (FedAvg, Multi-Krum), whatever
+    it claims. Unset: the size of the client's partition, which the server knows when it
+    partitions the data itself (the largest partition for an id beyond them). Set it
+    when devices bring their own data (``data-file``), whose size only they know."""
     max_payload_bytes: int = Field(default=256 * 2**20, gt=0)
     round_timeout: float = Field(default=3600.0, gt=0)
     """Seconds the server waits for replies; clients still silent then are dropped."""

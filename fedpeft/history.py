@@ -21,7 +21,10 @@ class ClientRoundRecord:
     bytes_up: int
     bytes_down: int
     num_examples: int
-    train_loss: float
+    """The example count the client's update was weighted by: its claim, capped where
+    the server knows its partition or sets ``federation.max_client_examples``."""
+    train_loss: float | None
+    """None when the client did not send it (DP-SGD clients keep their un-noised loss)."""
     train_seconds: float
     dp_noise_multiplier: float | None = None
     dp_sample_rate: float | None = None
@@ -41,7 +44,8 @@ class RoundRecord:
     bytes_down: int
     clients: int
     seconds: float
-    train_loss: float
+    train_loss: float | None
+    """Example-weighted over the clients that sent one; None when none did."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     per_client: list[ClientRoundRecord] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)

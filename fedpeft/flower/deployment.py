@@ -12,12 +12,42 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
 
-from fedpeft.config import Config
+from fedpeft.config import Config, parse_config
 from fedpeft.errors import ConfigError
+
+DEPLOYMENT_MAX_UPDATE_NORM = 10.0
+"""``federation.max_update_norm`` of a deployed run that leaves it unset.
+
+In simulation every client is the operator's own code; deployed, a device can send any
+well-formed update, and with FedAvg one huge update would be the global model. So a
+deployed server bounds each update's L2 norm unless told otherwise, as Flower's
+DP wrappers insist on a clipping norm. 10 is the bound of the robust example configs:
+far above what a round of adapter training moves (``update_norm_median`` in
+metrics.json shows the real scale; set the key to tighten or loosen it).
+"""
+
+
+def with_deployment_defaults(config: Config, progress: Callable[[str], None] = print) -> Config:
+    """``config`` as a deployed server runs it: with a norm bound if it sets none.
+
+    Says so through ``progress`` (the server's log, which ``fedpeft deploy`` streams).
+    The run folder's ``config.toml`` then holds the bound, and a resume applies the
+    same default, so the config fingerprint matches.
+    """
+    if config.federation.max_update_norm is not None:
+        return config
+    progress(
+        f"federation.max_update_norm unset: deployed, every client update is clipped to L2 norm "
+        f"{DEPLOYMENT_MAX_UPDATE_NORM:g} (set federation.max_update_norm to choose another bound)"
+    )
+    data = config.to_dict()
+    data["federation"]["max_update_norm"] = DEPLOYMENT_MAX_UPDATE_NORM
+    return parse_config(data, "deployment defaults")
 
 
 def app_folder() -> Path:

@@ -23,13 +23,14 @@ from fedpeft.checkpoint import RoundCheckpoint, check_run_folder, save_checkpoin
 from fedpeft.config import Config
 from fedpeft.errors import FedPeftError
 from fedpeft.experiment import Experiment
+from fedpeft.flower.deployment import with_deployment_defaults
 from fedpeft.flower.records import record_to_state, state_to_record
 from fedpeft.flower.run_config import (
     config_from_run_config,
     out_dir_from_run_config,
     resume_from_run_config,
 )
-from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic
+from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic, mean_train_loss
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
@@ -64,13 +65,16 @@ def run_federation(
     out_dir: Path,
     progress: Callable[[str], None] = print,
     resume: bool = False,
+    bind_client_ids: bool = False,
 ) -> RunHistory:
     """Run every round on ``grid`` and write the run folder.
 
     Writes ``out_dir/config.toml`` first; after every round ``checkpoint.pt`` (see
     :mod:`fedpeft.checkpoint`) and then ``metrics.json``; ``adapter/`` (a peft
     checkpoint of the final global adapter) at the end. With ``resume`` the run
-    continues after the last round checkpointed in ``out_dir``.
+    continues after the last round checkpointed in ``out_dir``. With ``bind_client_ids``
+    (deployment) each node's first client id is bound to it for the run (see
+    :class:`AdapterStrategy`).
 
     Raises:
         CheckpointError: ``out_dir`` does not suit the run (see :func:`check_run_folder`).
@@ -87,6 +91,8 @@ def run_federation(
         config.seed,
         config.privacy.client,
         capture_plan(config, experiment, out_dir / "captures"),
+        partition_sizes=experiment.partitions.sizes(),
+        bind_client_ids=bind_client_ids,
     )
     rounds = config.federation.rounds
     if checkpoint is not None:
@@ -95,6 +101,7 @@ def run_federation(
         history = checkpoint.history
         first_round = checkpoint.completed_round + 1
         strategy.aggregator.load_state_dict(checkpoint.aggregator_state)
+        strategy.node_clients = dict(checkpoint.node_clients)
         progress(f"resuming {out_dir} after round {checkpoint.completed_round}/{rounds}")
     else:
         global_state = dict(experiment.initial_state)
@@ -112,6 +119,7 @@ def run_federation(
             ledger=ledger,
             history=history,
             finished=finished,
+            node_clients=dict(strategy.node_clients),
         )
         save_checkpoint(out_dir, checkpoint)
         write_views(out_dir, history, ledger)
@@ -136,7 +144,6 @@ def run_federation(
             grid, strategy, config, server_round, global_state, progress
         )
         result = evaluate_state(experiment, global_state)
-        examples = sum(c.num_examples for c in traffic.clients)
         record = RoundRecord(
             round=server_round,
             accuracy=result.accuracy,
@@ -145,7 +152,7 @@ def run_federation(
             bytes_down=sum(traffic.bytes_down_by_node.values()),
             clients=len(traffic.clients),
             seconds=time.monotonic() - started,
-            train_loss=sum(c.train_loss * c.num_examples for c in traffic.clients) / max(examples, 1),
+            train_loss=mean_train_loss(traffic.clients),
             rejected=traffic.rejected,
             per_client=sorted(traffic.clients, key=lambda c: c.client_id),
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},
@@ -153,6 +160,9 @@ def run_federation(
         record_privacy_events(ledger, config, server_round, trained, strategy.releases)
         record.privacy.update(privacy_summary(ledger, config))
         history.rounds.append(record)
+        for warning in traffic.aggregation.warnings if traffic.aggregation else ():
+            if warning not in history.meta.setdefault("warnings", []):  # once per run, resumes too
+                history.meta["warnings"].append(warning)
         # The checkpoint first: it is the record of truth a restart reads; metrics.json
         # and privacy_ledger.json are views of it, rewritten from it on resume.
         save(server_round)
@@ -239,20 +249,23 @@ def train_round(
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         traffic = strategy.traffic
         trained.extend(traffic.clients)
+        # A refused aggregate (not finite) leaves the round without a usable update.
+        usable = len(traffic.clients) if traffic.refused is None else 0
         # Under user-level DP a round is not sent again for too few replies (that would
         # tell who was absent): its noised mean is released whatever came back.
-        released = strategy.central_privacy is not None
-        if len(traffic.clients) >= federation.min_train_clients or released:
+        released = strategy.central_privacy is not None and traffic.refused is None
+        if usable >= federation.min_train_clients or released:
             if new_arrays is not None:
                 global_state = record_to_state(new_arrays)
             return global_state, traffic, trained
         missing = strategy.sampled - len(traffic.clients) - len(traffic.rejected)
-        reasons = "; ".join(f"node {r['node_id']}: {r['reason']}" for r in traffic.rejected[:3])
+        reasons = [traffic.refused] if traffic.refused else []
+        reasons += [f"node {r['node_id']}: {r['reason']}" for r in traffic.rejected[:3]]
         problem = (
-            f"round {server_round}: {len(traffic.clients)} usable update(s), fewer than "
+            f"round {server_round}: {usable} usable update(s), fewer than "
             f"federation.min_train_clients = {federation.min_train_clients} "
             f"({missing} client(s) silent after {federation.round_timeout:g} s"
-            + (f"; {reasons}" if reasons else "")
+            + "".join(f"; {reason}" for reason in reasons)
             + ")"
         )
         if attempt < federation.round_retries:
@@ -355,17 +368,30 @@ def build_server_app(
     out_dir_for: Callable[[Context], Path],
     on_finish: Callable[[RunHistory], None] | None = None,
     resume_for: Callable[[Context], bool] = lambda _: False,
+    bind_client_ids: bool = False,
 ) -> ServerApp:
     """A ServerApp running :func:`run_federation` with the config from ``config_for``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        history = run_federation(grid, config_for(context), out_dir_for(context), resume=resume_for(context))
+        history = run_federation(
+            grid,
+            config_for(context),
+            out_dir_for(context),
+            resume=resume_for(context),
+            bind_client_ids=bind_client_ids,
+        )
         if on_finish is not None:
             on_finish(history)
 
     return app
 
 
-app = build_server_app(config_from_run_config, out_dir_from_run_config, resume_for=resume_from_run_config)
+app = build_server_app(
+    lambda context: with_deployment_defaults(config_from_run_config(context)),
+    out_dir_from_run_config,
+    resume_for=resume_from_run_config,
+    bind_client_ids=True,
+)
+"""The deployed ServerApp: deployment defaults (a norm bound), client ids bound to nodes."""

@@ -7,11 +7,12 @@ validate and count every message, while the aggregation rule is a plug-in.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -20,10 +21,12 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
+from fedpeft.aggregation.base import check_aggregate
 from fedpeft.attacks.capture import CapturePlan
 from fedpeft.codecs import CodecContext, UpdateCodec
+from fedpeft.codecs.base import check_decoded_delta
 from fedpeft.config import ClientPrivacyConfig, FederationConfig
-from fedpeft.errors import PayloadError
+from fedpeft.errors import AggregationError, PayloadError
 from fedpeft.flower.records import (
     DECLINED,
     GLOBAL_ADAPTER,
@@ -34,20 +37,44 @@ from fedpeft.flower.records import (
     record_to_state,
     state_to_record,
 )
+from fedpeft.flower.replies import (
+    MAX_CLIENT_ID,
+    MAX_COUNT,
+    checked_record_to_state,
+    clip_text,
+    float_metric,
+    int_metric,
+    optional_float_metric,
+    reply_nbytes,
+)
 from fedpeft.history import ClientRoundRecord
 from fedpeft.privacy.central import noisy_mean, poisson_sample
 
 logger = logging.getLogger("fedpeft")
 
 
+REJECTION_CHARS = 600
+"""The most characters of a rejection reason kept in a log line or metrics.json."""
+
+
 @dataclass
 class RoundTraffic:
-    """What one round's training exchange did, for metrics.json."""
+    """What one round's training exchange did, for metrics.json.
+
+    Attributes:
+        bytes_down_by_node: node id -> bytes sent to it.
+        clients: The accepted replies.
+        rejected: ``{"node_id", "client_id", "reason"}`` of every rejected reply.
+        aggregation: The aggregate, when one was made and accepted.
+        refused: Why the round's aggregate was refused (None: it was not).
+
+    """
 
     bytes_down_by_node: dict[int, int] = field(default_factory=dict)
     clients: list[ClientRoundRecord] = field(default_factory=list)
     rejected: list[dict[str, object]] = field(default_factory=list)
     aggregation: AggregationResult | None = None
+    refused: str | None = None
 
 
 class AdapterStrategy(Strategy):
@@ -62,6 +89,14 @@ class AdapterStrategy(Strategy):
             before the aggregator steps. None or disabled: off.
         capture: Client updates to save for the attack suite (and whether to craft
             what is sent in those rounds). None: nothing is saved.
+        partition_sizes: Examples in each client's partition, when the server made the
+            partitions: a client's example count (its FedAvg / Multi-Krum weight) is
+            capped at its partition's size, or at the largest partition for an id
+            beyond them. ``federation.max_client_examples``, when set, is the cap
+            instead. Neither: claims are taken as sent.
+        bind_client_ids: Bind the first client id each node sends to that node for the
+            run and reject a node that claims another id or another node's id
+            (deployment, where Flower's node id is authenticated by the node's key).
 
     """
 
@@ -73,6 +108,8 @@ class AdapterStrategy(Strategy):
         run_seed: int,
         central_privacy: ClientPrivacyConfig | None = None,
         capture: CapturePlan | None = None,
+        partition_sizes: Sequence[int] | None = None,
+        bind_client_ids: bool = False,
     ) -> None:
         self.federation = federation
         self.codec = codec
@@ -84,7 +121,12 @@ class AdapterStrategy(Strategy):
         self.run_key = ""
         """The run's id (kept in its checkpoint, the same after a resume); clients key
         the state they keep on disk by it."""
+        self.partition_sizes = list(partition_sizes) if partition_sizes is not None else None
+        self.bind_client_ids = bind_client_ids
+        self.node_clients: dict[int, int] = {}
+        """node id -> the client id it is bound to (checkpointed, so a resume keeps it)."""
         self._global: dict[str, Tensor] = {}
+        self._warned: set[str] = set()
         self.traffic = RoundTraffic()
         self.expected_clients = 0.0
         """q N of the latest Poisson sampling: the noised mean's fixed denominator."""
@@ -160,21 +202,35 @@ class AdapterStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check every reply; aggregate the good ones; log and skip the rest."""
+        """Decode and check every reply; aggregate the good ones; log and skip the rest.
+
+        No reply can end the run: whatever is wrong with one (its size, records,
+        arrays, metrics, its decoded delta, or an error no check foresaw) rejects that
+        reply alone, naming the node. An aggregate that is not finite is refused and
+        the global adapter (and the aggregator's state) stay as they were.
+        """
         updates: list[ClientUpdate] = []
-        losses: list[tuple[float, int]] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             try:
                 update, record = self._decode_reply(reply, server_round, node_id)
             except PayloadError as err:
-                client_id = _claimed_client_id(reply)
-                sender = f"node {node_id}" + (f" (client {client_id})" if client_id is not None else "")
-                logger.warning("round %d: rejected update from %s: %s", server_round, sender, err)
-                self.traffic.rejected.append({"node_id": node_id, "client_id": client_id, "reason": str(err)})
+                self._reject(server_round, reply, node_id, str(err))
+                continue
+            except Exception as err:  # the last line of defence
+                # A reply no check foresaw must not end the run (a --resume would only
+                # meet it again). The exception type and traceback are logged, so that a
+                # bug of fedpeft's own is seen, not mistaken for a client's fault.
+                logger.error(
+                    "round %d: decoding the reply of node %d raised %s (a check is missing)",
+                    server_round,
+                    node_id,
+                    type(err).__name__,
+                    exc_info=True,
+                )
+                self._reject(server_round, reply, node_id, f"{type(err).__name__} while decoding: {err}")
                 continue
             updates.append(update)
-            losses.append((record.train_loss, update.num_examples))
             self.traffic.clients.append(record)
             if self.capture is not None and self.capture.wants(server_round, update.client_id):
                 path = self.capture.save(
@@ -212,6 +268,7 @@ class AdapterStrategy(Strategy):
         # A fixed order, whatever order the replies arrived in: float sums then give the
         # same global adapter bit for bit on every run with the same seeds.
         updates.sort(key=lambda u: u.client_id)
+        aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         privacy_metrics: dict[str, float] = {}
         if self.central_privacy is not None:
             # User-level DP: the aggregator only ever sees the noised mean, divided by the
@@ -222,52 +279,82 @@ class AdapterStrategy(Strategy):
             self.releases.append(self.federation.fraction_train)
             updates = [noised]
         result = self.aggregator.aggregate(self._global, updates)
-        result = AggregationResult(result.state, {**privacy_metrics, **result.metrics})
+        try:
+            check_aggregate(result.state, self._global)
+        except AggregationError as err:
+            # Finite deltas can still step to Inf; the previous adapter (and optimizer
+            # state) is kept, and the round counts as one without a usable update.
+            self.aggregator.load_state_dict(aggregator_state)
+            self.traffic.refused = f"aggregate refused: {err}"
+            logger.error("round %d: %s; the global adapter is unchanged", server_round, self.traffic.refused)
+            return None, None
+        for warning in result.warnings:
+            if warning not in self._warned:
+                self._warned.add(warning)
+                logger.warning("round %d: %s", server_round, warning)
+        result = AggregationResult(result.state, {**privacy_metrics, **result.metrics}, result.warnings)
         self.traffic.aggregation = result
-        total = sum(n for _, n in losses)
-        metrics = MetricRecord(
-            {"train-loss": sum(loss * n for loss, n in losses) / max(total, 1), "num-examples": total}
-        )
-        return state_to_record(result.state), metrics
+        clients = self.traffic.clients
+        values: dict[str, int | float | list[int] | list[float]] = {
+            "num-examples": sum(c.num_examples for c in clients)
+        }
+        train_loss = mean_train_loss(clients)
+        if train_loss is not None:
+            values["train-loss"] = train_loss
+        return state_to_record(result.state), MetricRecord(values)
+
+    def _reject(self, server_round: int, reply: Message, node_id: int, reason: str) -> None:
+        """Log and record a rejected reply; every client-chosen character is clipped and escaped."""
+        client_id = _claimed_client_id(reply)
+        reason = clip_text(reason, REJECTION_CHARS)
+        sender = f"node {node_id}" + (f" (client {client_id})" if client_id is not None else "")
+        logger.warning("round %d: rejected update from %s: %s", server_round, sender, reason)
+        self.traffic.rejected.append({"node_id": node_id, "client_id": client_id, "reason": reason})
 
     def _decode_reply(
         self, reply: Message, server_round: int, node_id: int
     ) -> tuple[ClientUpdate, ClientRoundRecord]:
-        if reply.has_error():
-            raise PayloadError(f"client failed: {reply.error.reason}")
-        content = reply.content
-        if DECLINED in content.config_records:
-            reason = content.config_records[DECLINED].get("reason", "no reason given")
-            text = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
-            raise PayloadError(f"client declined to train: {text}")
-        if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
-            raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
-        bytes_up = content_nbytes(content)
+        """One reply -> its decoded, checked update; PayloadError names what is wrong."""
+        # The size first, whatever the reply holds: an error or a decline is as much
+        # the client's choice as an update is.
+        bytes_up = reply_nbytes(reply)
         if bytes_up > self.federation.max_payload_bytes:
             raise PayloadError(
                 f"reply of {bytes_up} bytes exceeds federation.max_payload_bytes = "
                 f"{self.federation.max_payload_bytes}"
             )
+        if reply.has_error():
+            raise PayloadError(f"client failed: {clip_text(reply.error.reason or 'no reason given')}")
+        content = reply.content
+        if DECLINED in content.config_records:
+            reason = content.config_records[DECLINED].get("reason", "no reason given")
+            raise PayloadError(f"client declined to train: {clip_text(reason)}")
+        if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
+            raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
         metrics = content.metric_records[TRAIN_METRICS]
-        client_id = _int_metric(metrics, "client-id")
-        train_loss = _float_metric(metrics, "train-loss")
-        train_seconds = _float_metric(metrics, "train-seconds")
-        num_examples = _int_metric(metrics, "num-examples")
-        if num_examples <= 0:
-            raise PayloadError(f"num-examples must be positive, got {num_examples}")
-        context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
-        delta = self.codec.decode(record_to_state(content.array_records[UPDATE]), context, self._global)
+        client_id = int_metric(metrics, "client-id", 0, MAX_CLIENT_ID)
+        # Optional: a DP-SGD client does not send its un-noised training loss.
+        train_loss = optional_float_metric(metrics, "train-loss")
+        train_seconds = float_metric(metrics, "train-seconds")
+        num_examples = self._example_weight(
+            client_id, int_metric(metrics, "num-examples", 1, MAX_COUNT), server_round, node_id
+        )
         dp: dict[str, float | int] = {}
         if "dp-noise-multiplier" in metrics:
             dp = {
-                "dp_noise_multiplier": _float_metric(metrics, "dp-noise-multiplier"),
-                "dp_sample_rate": _float_metric(metrics, "dp-sample-rate"),
-                "dp_steps": _int_metric(metrics, "dp-steps"),
+                "dp_noise_multiplier": float_metric(metrics, "dp-noise-multiplier"),
+                "dp_sample_rate": float_metric(metrics, "dp-sample-rate"),
+                "dp_steps": int_metric(metrics, "dp-steps", 0, MAX_COUNT),
             }
             if "epsilon" in metrics:  # absent when infinite (noise multiplier 0)
-                dp["epsilon"] = _float_metric(metrics, "epsilon")
-            if not 0 < dp["dp_sample_rate"] <= 1 or dp["dp_noise_multiplier"] < 0 or dp["dp_steps"] < 0:
+                dp["epsilon"] = float_metric(metrics, "epsilon")
+            if not 0 < dp["dp_sample_rate"] <= 1 or dp["dp_noise_multiplier"] < 0 or dp.get("epsilon", 0) < 0:
                 raise PayloadError(f"DP metrics out of range: {dp}")
+        payload = checked_record_to_state(content.array_records[UPDATE])
+        context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
+        delta = self.codec.decode(payload, context, self._global)
+        check_decoded_delta(delta, self._global)
+        self._bind(node_id, client_id)
         record = ClientRoundRecord(
             client_id=client_id,
             bytes_up=bytes_up,
@@ -278,6 +365,44 @@ class AdapterStrategy(Strategy):
             **dp,  # type: ignore[arg-type]
         )
         return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), record
+
+    def _example_weight(self, client_id: int, claimed: int, server_round: int, node_id: int) -> int:
+        """A client's example count, capped where the server knows better than the client.
+
+        FedAvg and Multi-Krum weight a client by its count; uncapped, one client
+        claiming 10^15 examples would be the global model.
+        """
+        cap = self.federation.max_client_examples
+        source = "federation.max_client_examples"
+        if cap is None and self.partition_sizes:
+            if client_id < len(self.partition_sizes):
+                cap, source = self.partition_sizes[client_id], "its partition's size"
+            else:
+                cap, source = max(self.partition_sizes), "the largest partition's size"
+        if cap is None or claimed <= cap:
+            return claimed
+        logger.warning(
+            "round %d: node %d (client %d) claims %d examples; weighted as %d (%s)",
+            server_round,
+            node_id,
+            client_id,
+            claimed,
+            cap,
+            source,
+        )
+        return cap
+
+    def _bind(self, node_id: int, client_id: int) -> None:
+        """Bind ``client_id`` to ``node_id`` for the run, or raise if either is bound elsewhere."""
+        if not self.bind_client_ids:
+            return
+        bound = self.node_clients.get(node_id)
+        if bound is not None and bound != client_id:
+            raise PayloadError(f"node {node_id} is bound to client {bound} and now claims client {client_id}")
+        owner = next((node for node, client in self.node_clients.items() if client == client_id), None)
+        if owner is not None and owner != node_id:
+            raise PayloadError(f"client {client_id} is bound to node {owner}; node {node_id} claims it")
+        self.node_clients[node_id] = client_id
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -300,25 +425,18 @@ class AdapterStrategy(Strategy):
         )
 
 
+def mean_train_loss(clients: Iterable[ClientRoundRecord]) -> float | None:
+    """Example-weighted mean training loss over the clients that sent one (None: none did)."""
+    reported = [(c.train_loss, c.num_examples) for c in clients if c.train_loss is not None]
+    total = sum(n for _, n in reported)
+    return sum(loss * n for loss, n in reported) / total if total else None
+
+
 def _claimed_client_id(reply: Message) -> int | None:
-    """The client id a reply names in its metrics, if it names one (for log lines)."""
-    if reply.has_error() or TRAIN_METRICS not in reply.content.metric_records:
-        return None
+    """The client id a reply names in its metrics, if it names a valid one (for log lines)."""
     try:
-        return _int_metric(reply.content.metric_records[TRAIN_METRICS], "client-id")
-    except PayloadError:
+        if reply.has_error() or TRAIN_METRICS not in reply.content.metric_records:
+            return None
+        return int_metric(reply.content.metric_records[TRAIN_METRICS], "client-id", 0, MAX_CLIENT_ID)
+    except Exception:  # only for a log line; the reply is rejected anyway
         return None
-
-
-def _int_metric(metrics: Mapping[str, object], key: str) -> int:
-    value = metrics.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != int(value):
-        raise PayloadError(f"metric {key!r} missing or not an integer: {value!r}")
-    return int(value)
-
-
-def _float_metric(metrics: Mapping[str, object], key: str) -> float:
-    value = metrics.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise PayloadError(f"metric {key!r} missing or not a finite number: {value!r}")
-    return float(value)

@@ -26,9 +26,11 @@ DEPLOYMENT_MAX_UPDATE_NORM = 10.0
 In simulation every client is the operator's own code; deployed, a device can send any
 well-formed update, and with FedAvg one huge update would be the global model. So a
 deployed server bounds each update's L2 norm unless told otherwise, as Flower's
-DP wrappers insist on a clipping norm. 10 is the bound of the robust example configs:
-far above what a round of adapter training moves (``update_norm_median`` in
-metrics.json shows the real scale; set the key to tighten or loosen it).
+DP wrappers insist on a clipping norm. 10 is the bound of the robust example configs;
+the default config's clients (MiniLM, LoRA r = 8, 30 steps at lr 3e-3) move 6.3 to 7.2
+in round 1, and larger adapters move further: ``clipped_updates`` and
+``update_norm_median`` in metrics.json show whether honest updates are cut, and the
+key sets another bound.
 """
 
 

@@ -278,15 +278,23 @@ class AdapterStrategy(Strategy):
             )
             self.releases.append(self.federation.fraction_train)
             updates = [noised]
-        result = self.aggregator.aggregate(self._global, updates)
         try:
+            result = self.aggregator.aggregate(self._global, updates)
             check_aggregate(result.state, self._global)
-        except AggregationError as err:
-            # Finite deltas can still step to Inf; the previous adapter (and optimizer
-            # state) is kept, and the round counts as one without a usable update.
+        except Exception as err:
+            # Finite deltas can still step to Inf (or break an aggregator's linear
+            # algebra); the previous adapter (and optimizer state) is kept, and the
+            # round counts as one without a usable update. Anything but the check's own
+            # AggregationError is logged with its traceback: a check may be missing.
             self.aggregator.load_state_dict(aggregator_state)
-            self.traffic.refused = f"aggregate refused: {err}"
-            logger.error("round %d: %s; the global adapter is unchanged", server_round, self.traffic.refused)
+            problem = str(err) if isinstance(err, AggregationError) else f"{type(err).__name__}: {err}"
+            self.traffic.refused = f"aggregate refused: {clip_text(problem, REJECTION_CHARS)}"
+            logger.error(
+                "round %d: %s; the global adapter is unchanged",
+                server_round,
+                self.traffic.refused,
+                exc_info=not isinstance(err, AggregationError),
+            )
             return None, None
         for warning in result.warnings:
             if warning not in self._warned:

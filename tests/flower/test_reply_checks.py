@@ -304,3 +304,22 @@ def test_deployment_bounds_update_norms_by_default(tiny_config_data: dict) -> No
     said.clear()
     config = with_deployment_defaults(parse_config(tiny_config_data), said.append)
     assert config.federation.max_update_norm == 0.5 and not said
+
+
+def test_an_aggregator_that_raises_refuses_the_round_with_its_exception_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = make_strategy(aggregator="fedavgm")
+
+    def explode(global_state, updates):
+        raise RuntimeError("linalg.svd: the algorithm failed to converge")
+
+    strategy.aggregator.aggregate = explode  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="fedpeft"):
+        arrays, _ = strategy.aggregate_train(1, honest_replies())
+    assert arrays is None
+    assert (
+        strategy.traffic.refused
+        == "aggregate refused: RuntimeError: linalg.svd: the algorithm failed to converge"
+    )
+    assert any(r.exc_info for r in caplog.records)

@@ -220,6 +220,12 @@ class ExamplePrivacyConfig(_Section):
     partitioned); unset: 1e-5, with a warning at start and in ``metrics.json``."""
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
+    max_physical_batch_size: int | None = Field(default=None, gt=0)
+    """Most examples per forward/backward pass (Opacus' ``BatchMemoryManager``): a
+    Poisson batch (expected size ``train.batch_size``) above it is split into physical
+    batches whose clipped gradients are summed before its one noised step. Bounds
+    memory only: the update, the noise and the accounting are those of the whole
+    batch. Unset: each batch in one pass."""
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> ExamplePrivacyConfig:

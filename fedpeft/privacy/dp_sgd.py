@@ -15,6 +15,13 @@ Two per-example gradient modes (Opacus ``grad_sample_mode``):
 ``auto`` (see :func:`resolve_grad_sample_mode`) takes ``hooks`` for adapters, whose
 per-example gradients are small, and ``ghost`` once they would be large.
 
+Logical batches larger than memory (``privacy.example.max_physical_batch_size``): a
+Poisson batch is split into physical batches by Opacus' ``BatchSplittingSampler`` (the
+sampler inside its ``BatchMemoryManager``), which tells the optimiser to only clip and
+sum until the last one; the noise, the division by the expected batch and the
+optimiser step happen once per Poisson batch. DP training wants large batches (noise
+per coordinate falls as 1/batch): with this a client can use thousands.
+
 The Opacus + peft trap ("No activations detected for Linear" at the first backward,
 in both modes): ``from_pretrained`` returns the model in eval mode and
 ``get_peft_model`` wraps it in a ``PeftModel`` whose own flag says training while every
@@ -42,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor, nn
@@ -167,7 +175,7 @@ def train_local_private(
         collate: Pads a list of examples into a batch.
         task: Decides the per-example loss.
         config: Local training (``lr``, ``batch_size`` = expected batch, ``steps``/``epochs``).
-        privacy: Clipping norm and mode.
+        privacy: Clipping norm, mode and the physical batch bound.
         noise_multiplier: Sigma for this client (fixed or calibrated to its target).
         device: Where to train.
         batches: Index batches to use instead of Poisson sampling (tests only: the
@@ -180,7 +188,10 @@ def train_local_private(
     model.to(device)
     model.train()
     check_training_mode(model)
-    mode = resolve_grad_sample_mode(model, privacy.grad_sample_mode, config.batch_size)
+    physical = privacy.max_physical_batch_size
+    mode = resolve_grad_sample_mode(
+        model, privacy.grad_sample_mode, min(config.batch_size, physical or config.batch_size)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     # Opacus clips and sums in the parameters' dtype; with bfloat16 ones (a peft head
     # of a bfloat16 model) a clipped example overshot max_grad_norm by up to 0.3 %.
@@ -238,8 +249,9 @@ def train_local_private(
                 optimizer.zero_grad(set_to_none=True)
                 if not indices:
                     _noise_only_step(optimizer, params)
-                else:
-                    batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
+                for chunk in physical_batches(indices, physical, optimizer):
+                    optimizer.zero_grad(set_to_none=True)  # keeps the sum of a skipped step
+                    batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
                     labels = batch.pop("labels")
                     losses = per_example_loss(private_model(**batch).logits, labels, task)
                     if mode == "ghost":
@@ -247,10 +259,10 @@ def train_local_private(
                         loss.backward()
                     else:
                         losses.mean().backward()
-                    optimizer.step()
+                    optimizer.step()  # clips and sums; noise and the step after the last chunk only
                     loss_sum += float(losses.detach().sum())
-                    loss_count += len(indices)
-                    seen += len(indices)
+                    loss_count += len(chunk)
+                    seen += len(chunk)
                 scheduler.step()
                 done += 1
         finally:
@@ -260,6 +272,20 @@ def train_local_private(
         examples_seen=seen, steps=done, mean_loss=loss_sum / max(loss_count, 1), drawn_batches=tuple(drawn)
     )
     return result, PrivateRound(noise_multiplier, sample_rate, done, mode)
+
+
+def physical_batches(indices: list[int], max_size: int | None, optimizer: DPOptimizer) -> Iterator[list[int]]:
+    """One Poisson batch as physical batches of at most ``max_size`` (None: one), in order.
+
+    Opacus' ``BatchSplittingSampler`` does the split and signals ``optimizer`` to skip
+    the noise and the step for every chunk but the last. An empty batch yields nothing
+    (its noise-only step is the caller's).
+    """
+    if not indices:
+        return iter(())
+    if max_size is None or len(indices) <= max_size:
+        return iter((indices,))
+    return iter(BatchSplittingSampler(sampler=[indices], max_batch_size=max_size, optimizer=optimizer))  # type: ignore[arg-type]
 
 
 def _noise_only_step(optimizer: DPOptimizer, params: list[nn.Parameter]) -> None:

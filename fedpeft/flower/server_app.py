@@ -32,6 +32,7 @@ from fedpeft.flower.run_config import (
 )
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic, mean_train_loss
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
+from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
 from fedpeft.training import EvalResult, evaluate
@@ -177,7 +178,8 @@ def run_federation(
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
     experiment.prepare_round(rounds)  # the final adapter's shape (SLoRA's stage), on resume too
-    save_adapter(experiment.model.model, global_state, out_dir / "adapter")
+    card = render_model_card(config, history, privacy_summary(ledger, config), experiment.num_labels)
+    save_adapter(experiment.model.model, global_state, out_dir / "adapter", config.model.name_or_path, card)
     save(rounds, finished=True)
     return history
 

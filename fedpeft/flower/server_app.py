@@ -35,6 +35,7 @@ from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_js
 from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
+from fedpeft.privacy.snr import noise_warnings
 from fedpeft.training import EvalResult, evaluate
 
 logger = logging.getLogger("fedpeft")
@@ -200,6 +201,9 @@ def new_history(
 ) -> RunHistory:
     """The run's metadata and the initial adapter's central evaluation (round 0)."""
     warnings = config.warnings()  # an unset delta: said at start, kept in metrics.json
+    # DP noise that drowns even the best-case clipped signal (fedpeft.privacy.snr).
+    coordinates = sum(t.numel() for t in global_state.values())
+    warnings += noise_warnings(config, coordinates, experiment.privacy_plan, experiment.partitions.sizes())
     for warning in warnings:
         progress(f"warning: {warning}")
     experiment.prepare_round(1)

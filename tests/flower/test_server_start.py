@@ -18,4 +18,5 @@ def test_an_unset_delta_is_said_at_start_and_kept_in_metrics(tiny_config_data: d
     tiny_config_data["privacy"]["client"]["delta"] = 1e-6
     experiment = Experiment(parse_config(tiny_config_data))
     history = new_history(experiment.config, experiment, experiment.initial_state, said.append)
-    assert history.meta["warnings"] == []
+    # The delta warning goes; the noise one stays (sigma 1 on 3 clients drowns the signal).
+    assert not any("delta" in w for w in history.meta["warnings"])

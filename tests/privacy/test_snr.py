@@ -1,0 +1,51 @@
+"""The start-time warning for DP noise that drowns the clipped signal."""
+
+import math
+
+import pytest
+
+from fedpeft.config import parse_config
+from fedpeft.experiment import Experiment
+from fedpeft.flower.server_app import new_history
+from fedpeft.privacy.snr import THRESHOLD, NoiseToSignal, noise_warnings
+
+
+def test_the_ratio_is_noise_per_coordinate_over_the_best_case_signal() -> None:
+    # sigma C / B = 2 C / 100 per coordinate against C / sqrt(10_000) = C / 100: twice.
+    ratio = NoiseToSignal("example", noise_multiplier=2.0, expected_batch=100, coordinates=10_000, steps=4)
+    assert ratio.per_step == pytest.approx(2.0)
+    # Four aligned steps: signal 4 C / 100, noise 2 C sqrt(4) / 100: equal, at the threshold.
+    assert ratio.over_run == pytest.approx(1.0) and THRESHOLD == 1.0 and not ratio.drowned
+    assert NoiseToSignal("example", 2.0, 100, 10_000, steps=3).drowned
+    assert NoiseToSignal("client", 2.0, 400, 10_000, steps=1).over_run == pytest.approx(0.5)
+
+
+def test_a_hopeless_config_is_warned_at_start_and_kept_in_metrics(tiny_config_data: dict) -> None:
+    data = tiny_config_data
+    data["train"] = {"steps": 2, "batch_size": 2, "lr": 5e-3}
+    data["privacy"] = {"example": {"enabled": True, "noise_multiplier": 3.0, "delta": 1e-4}}
+    experiment = Experiment(parse_config(data))
+    said: list[str] = []
+    history = new_history(experiment.config, experiment, experiment.initial_state, said.append)
+    warnings = [w for w in history.meta["warnings"] if "noise drowns the signal" in w]
+    assert len(warnings) == 1 and any(warnings[0] in line for line in said)
+    coordinates = sum(t.numel() for t in experiment.initial_state.values())
+    per_step = 3.0 * math.sqrt(coordinates) / 2
+    assert "privacy.example" in warnings[0] and "3 of 3 clients" in warnings[0]
+    assert f"{per_step:.3g} x the largest clipped signal" in warnings[0]
+    assert f"{per_step / math.sqrt(4):.3g} x even" in warnings[0]  # 2 rounds x 2 steps
+    assert "train.batch_size" in warnings[0] and "freeze_lora_a" in warnings[0]
+
+    # User-level: sigma 1 on the mean of 3 clients' updates of the same adapter.
+    data["privacy"] = {"client": {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4}}
+    experiment = Experiment(parse_config(data))
+    history = new_history(experiment.config, experiment, experiment.initial_state, said.append)
+    (warning,) = [w for w in history.meta["warnings"] if "noise drowns the signal" in w]
+    assert "privacy.client" in warning and "expected cohort 3" in warning and "more clients" in warning
+
+    # Noise a large batch makes small enough: no warning.
+    data["train"] = {"steps": 2, "batch_size": 10_000, "lr": 5e-3}
+    data["privacy"] = {"example": {"enabled": True, "noise_multiplier": 0.5, "delta": 1e-4}}
+    experiment = Experiment(parse_config(data))
+    sizes = experiment.partitions.sizes()
+    assert noise_warnings(experiment.config, coordinates, experiment.privacy_plan, sizes) == []

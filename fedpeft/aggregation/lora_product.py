@@ -10,6 +10,10 @@ Paper: FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low
 Adaptations (Wang et al., 2024) motivates exact product aggregation; the SVD refactor
 is the standard Eckart-Young projection.
 
+The mean product is never formed: its SVD comes from QRs of the stacked client factors
+and the SVD of a small core (``_lora.refactor_product_rank_r``), so a round costs
+``O(k^2 r^2 d)`` per layer, not ``O(k r d^2)`` plus a d x d SVD.
+
 Notes:
     The refactored factors replace the global A and B, so every client starts the next
     round from the same (exact up to truncation) update; non-LoRA trainable tensors
@@ -24,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedpeft.aggregation._lora import lora_pairs, mean_product, refactor_rank_r
+from fedpeft.aggregation._lora import lora_pairs, mean_product_factors, refactor_product_rank_r
 from fedpeft.aggregation._math import weighted_mean
 from fedpeft.aggregation.base import AGGREGATORS, AggregationResult, ClientUpdate
 from fedpeft.errors import ConfigError
@@ -49,11 +53,11 @@ class LoraProduct:
         state = apply_delta(global_state, weighted_mean([u.delta for u in updates], weights))
         dropped_squared = 0.0
         for pair in pairs:
-            product = mean_product(global_state, [u.delta for u in updates], weights, pair)
-            b, a, dropped = refactor_rank_r(product, rank=global_state[pair.a].shape[0])
-            state[pair.b] = b.to(global_state[pair.b].dtype)
-            state[pair.a] = a.to(global_state[pair.a].dtype)
-            dropped_squared += dropped**2
+            product = mean_product_factors(global_state, [u.delta for u in updates], weights, pair)
+            refactored = refactor_product_rank_r(product, rank=global_state[pair.a].shape[0])
+            state[pair.b] = refactored.b.to(global_state[pair.b].dtype)
+            state[pair.a] = refactored.a.to(global_state[pair.a].dtype)
+            dropped_squared += refactored.dropped**2
         return AggregationResult(state, {"svd_dropped_norm": dropped_squared**0.5})
 
     def state_dict(self) -> dict[str, Any]:

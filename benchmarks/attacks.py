@@ -34,6 +34,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from _paths import repo_relative
+
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
 from fedpeft.attacks.capture import malicious_adapter, threat_model_of
 from fedpeft.attacks.evaluation import trained_sequences
@@ -116,7 +118,7 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "config": str(args.config),
+                "config": repo_relative(args.config),
                 "overrides": args.overrides,
                 "clients_per_row": args.clients,
                 "pii": args.pii,

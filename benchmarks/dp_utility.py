@@ -29,6 +29,7 @@ import tomllib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _paths import repo_relative
 from _simulate import ROOT, finished, simulate
 
 from fedpeft.config import apply_overrides, parse_config
@@ -153,7 +154,7 @@ def main() -> None:
             f"{r['noise_multiplier']:>12} {r['accuracy']:>9.4f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"workload": str(args.workload), "overrides": args.set, "rows": results}
+    report = {"workload": repo_relative(args.workload), "overrides": args.set, "rows": results}
     (args.out / "dp_utility.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     plot(results, args.out / "accuracy_vs_epsilon.png")
     print(f"wrote {args.out / 'dp_utility.json'} and {args.out / 'accuracy_vs_epsilon.png'}")

@@ -25,6 +25,7 @@ import tomllib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _paths import repo_relative
 from _simulate import ROOT, finished, simulate
 
 from fedpeft.config import apply_overrides, parse_config
@@ -157,7 +158,7 @@ def main() -> None:
             f"{r['uplink_bytes_per_client_round'] / 1024:>12.1f}Ki {r['uplink_bytes_total'] / 2**20:>8.2f}Mi "
             f"{r['bytes_ratio_vs_dense']:>8.1f} {r['wall_seconds']:>7.0f}"
         )
-    report = {"workload": str(args.workload), "overrides": args.set, "config": workload, "paths": rows}
+    report = {"workload": repo_relative(args.workload), "overrides": args.set, "config": workload, "paths": rows}
     (args.out / "update_paths.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot(rows, args.out / "accuracy_vs_bytes.png", f"{args.workload.stem}: accuracy vs uplink bytes")
     print(f"wrote {args.out / 'update_paths.json'} and {args.out / 'accuracy_vs_bytes.png'}")

@@ -100,7 +100,8 @@ def _read_split(
         return rows
     path = resolve_data_path(location)
     if not path.is_file():
-        raise DataError(f"{key}: file not found: {path}")
+        where = "" if path.is_absolute() else f" (relative to the working folder {Path.cwd()})"
+        raise DataError(f"{key}: file not found: {path}{where}; give the file with --set {key}=PATH")
     fmt: str = config.format
     if fmt == "auto":
         fmt = _SUFFIX_FORMATS.get(path.suffix.lower(), "")

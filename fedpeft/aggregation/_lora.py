@@ -7,10 +7,13 @@ Both work in rank space: a sum of k rank-r products ``sum_i L_i R_i`` is the sin
 product ``L R`` of the stacked factors ``L = [L_1 ... L_k]`` (out x kr) and
 ``R = [R_1; ...; R_k]`` (kr x in), whose norm and SVD follow from kr x kr matrices:
 the Gram matrices ``L^T L`` and ``R R^T`` for the norm, the core ``R_L R_R^T`` of the
-QRs ``L = Q_L R_L`` and ``R^T = Q_R R_R`` for the SVD. No out x in matrix is formed:
+QRs ``L = Q_L R_L`` and ``R^T = Q_R R_R`` for the SVD. For cohorts of tens no out x in
+matrix is formed:
 with r = 8, 20 clients and d = 2048 the work is on 160 x 160 matrices instead of
 2048 x 2048 ones per layer, and the cost falls from ``O(k r d^2)`` to
-``O(k^2 r^2 d)`` (both are ``O(k r d^2)`` once kr exceeds d).
+``O(k^2 r^2 d)``. Once kr exceeds about d/2 (hundreds of clients) the Gram matrices
+would outgrow a layer, and the norm comes from one product of the stacks instead
+(``O(k r d^2)``, one out x in matrix per layer rather than one per client).
 """
 
 from __future__ import annotations
@@ -146,21 +149,28 @@ _GRAM_RELATIVE_ERROR = 2e-6
 
 
 def product_norm(product: FactoredProduct) -> float:
-    """``||left @ right||_F`` without forming the product.
+    """``||left @ right||_F``; the product is formed only when that is cheaper (K (o + i) > o i).
 
     ``||L R||_F^2 = sum((L^T L) * (R R^T))``: two K x K Gram matrices, the cheapest
-    route (a QR costs 2-4x as much). The Gram route squares magnitudes, so where the
-    terms of that sum cancel (a gap small against the factors that make it) its
-    rounding could swamp the result; then the norm comes from the R factors of two QRs,
-    ``||R_L R_R^T||_F``, accurate to float64 rounding of the factors themselves.
+    route while K (o + i) <= o i (a QR costs 2-4x as much); beyond, at hundreds of
+    clients, one out x in product ``L R`` costs less than the K x K Grams. The Gram
+    route squares magnitudes, so where the terms of that sum cancel (a gap small
+    against the factors that make it) its rounding could swamp the result; then the
+    norm comes from the R factors of two QRs, ``||R_L R_R^T||_F``, accurate to float64
+    rounding of the factors themselves.
     """
+    rows, stacked, cols = product.left.shape[0], product.left.shape[1], product.right.shape[1]
+    if stacked * (rows + cols) > rows * cols:
+        # More stacked factors than the layer is wide (hundreds of clients): the Gram
+        # matrices would outgrow the product, so one product of the stacks is cheaper.
+        return float(torch.linalg.matrix_norm(product.left @ product.right))
     left_gram = product.left.T @ product.left
     right_gram = product.right @ product.right.T
     squared = float((left_gram * right_gram).sum())
     # A Gram entry is a dot product of length m, exact to m * eps times the product of
     # the two vectors' norms; through the sum the error stays below eps * length * scale.
     scale = float((left_gram.diagonal() * right_gram.diagonal()).clamp_min(0).sqrt().sum()) ** 2
-    length = product.left.shape[0] + product.right.shape[1] + product.left.shape[1]
+    length = rows + cols + stacked
     rounding = length * torch.finfo(torch.float64).eps * scale
     if rounding <= _GRAM_RELATIVE_ERROR * squared or scale == 0:
         return max(squared, 0.0) ** 0.5

@@ -163,8 +163,9 @@ def lora_state(
     return state
 
 
+# Up to 40 wide and 28 stacked factors: both of product_norm's routes (Grams, one product).
 layer_shapes = st.lists(
-    st.tuples(st.integers(1, 9), st.integers(1, 4), st.integers(1, 9)), min_size=1, max_size=3
+    st.tuples(st.integers(1, 40), st.integers(1, 4), st.integers(1, 40)), min_size=1, max_size=3
 )
 
 
@@ -189,7 +190,7 @@ def test_factor_averaging_error_equals_the_dense_formula(
 
 def test_fedavg_metric_equals_the_dense_formula_for_weighted_and_unweighted() -> None:
     g = torch.Generator().manual_seed(5)
-    shapes = [(16, 4, 12), (12, 4, 16), (8, 2, 8)]
+    shapes = [(64, 4, 48), (48, 4, 64), (8, 2, 8)]  # Gram route for the first two, a product for the last
     base = lora_state(g, shapes)
     updates = [ClientUpdate(i, lora_state(g, shapes, 0.1), n) for i, n in enumerate([3, 50, 7, 1, 20])]
     deltas = [u.delta for u in updates]
@@ -287,6 +288,18 @@ def test_rank_space_refactor_equals_the_dense_svd(
     torch.testing.assert_close(refactored.b @ refactored.a, b @ a, rtol=0, atol=1e-9 * (1 + scale))
     assert refactored.dropped == pytest.approx(dropped, rel=1e-7, abs=1e-9 * (1 + scale))
     assert product_norm(product) == pytest.approx(scale, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize(("out", "stacked", "inner"), [(50, 4, 40), (50, 30, 40), (3, 40, 2), (1, 1, 1)])
+def test_product_norm_equals_the_dense_norm_by_either_route(out: int, stacked: int, inner: int) -> None:
+    """Gram matrices while K (out + in) <= out in (first and last), one product beyond."""
+    g = torch.Generator().manual_seed(out + stacked + inner)
+    product = FactoredProduct(
+        left=torch.randn(out, stacked, generator=g, dtype=torch.float64),
+        right=torch.randn(stacked, inner, generator=g, dtype=torch.float64),
+    )
+    dense = float(torch.linalg.matrix_norm(product.left @ product.right))
+    assert product_norm(product) == pytest.approx(dense, rel=1e-12)
 
 
 def test_rank_space_refactor_rejects_a_rank_beyond_the_product() -> None:

@@ -131,9 +131,9 @@ def averaging_gap_factors(
 
     The gap is the weighted covariance of the factors,
     ``sum_i p_i (B_i - mean B)(A_i - mean A)``, since the ``p_i`` sum to one. Centred,
-    the global factors cancel (only the deltas enter), and identical clients or a
-    shared A (FFA-LoRA) give factors that are exactly zero rather than a difference of
-    two large equal products.
+    the global factors cancel (only the deltas enter): a shared A (FFA-LoRA) gives
+    factors that are exactly zero, identical clients factors of rounding size, rather
+    than a difference of two large, nearly equal products.
     """
     p = torch.tensor(_probabilities(weights, len(deltas)), dtype=torch.float64)
     b = _factor_deltas(global_state, deltas, pair.b, dim=1)

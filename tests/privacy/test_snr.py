@@ -1,13 +1,16 @@
 """The start-time warning for DP noise that drowns the clipped signal."""
 
 import math
+from pathlib import Path
 
 import pytest
 
-from fedpeft.config import parse_config
+from fedpeft.config import load_config, parse_config
 from fedpeft.experiment import Experiment
 from fedpeft.flower.server_app import new_history
 from fedpeft.privacy.snr import THRESHOLD, NoiseToSignal, noise_warnings
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_the_ratio_is_noise_per_coordinate_over_the_best_case_signal() -> None:
@@ -49,3 +52,23 @@ def test_a_hopeless_config_is_warned_at_start_and_kept_in_metrics(tiny_config_da
     experiment = Experiment(parse_config(data))
     sizes = experiment.partitions.sizes()
     assert noise_warnings(experiment.config, coordinates, experiment.privacy_plan, sizes) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "warned"),
+    [
+        # As shipped (batch 16 over 10 clients; 10 clients under user-level DP) both end at
+        # chance (README, "Measured: what DP costs"), and both are warned.
+        ("dp-example.toml", [], "1 of 10 clients"),
+        ("dp-client.toml", [], "expected cohort 10"),
+        # Two clients of 4,000 examples at an expected batch of 256: far below the bound.
+        ("dp-example.toml", ["partition.num_clients=2", "train.batch_size=256"], None),
+    ],
+)
+def test_the_shipped_dp_configs(name: str, overrides: list[str], warned: str | None) -> None:
+    config = load_config(CONFIGS / name, overrides)
+    experiment = Experiment(config)
+    coordinates = sum(t.numel() for t in experiment.initial_state.values())
+    sizes = experiment.partitions.sizes()
+    warnings = noise_warnings(config, coordinates, experiment.privacy_plan, sizes)
+    assert [warned in w for w in warnings] == ([] if warned is None else [True])

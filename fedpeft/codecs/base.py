@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -15,6 +15,14 @@ from fedpeft.registry import Registry
 
 Payload = dict[str, Tensor]
 """What travels: named tensors that Flower carries in an ArrayRecord and counts."""
+
+ROUND_WIDE = -1
+"""The client id of a round-wide context: no real client has it (ids are >= 0).
+
+Seeds drawn under it depend on (run seed, round, tensor name) only, so every client of
+a round draws the same randomness, which secure aggregation needs (see
+:attr:`UpdateCodec.summable`).
+"""
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,15 @@ class CodecContext:
         """A CPU generator seeded by :meth:`seed_for`."""
         return torch.Generator().manual_seed(self.seed_for(tensor_name))
 
+    def round_wide(self) -> CodecContext:
+        """The same context with the client id replaced by :data:`ROUND_WIDE`.
+
+        Draws from it are the same for every client of the round and differ between
+        rounds and runs; a codec that uses it for all its randomness can be decoded
+        from the sum of its clients' payloads.
+        """
+        return replace(self, client_id=ROUND_WIDE)
+
 
 CodecMemory = dict[str, Tensor]
 """A client's codec state across rounds (e.g. the error-feedback residual).
@@ -54,6 +71,19 @@ class UpdateCodec(Protocol):
     dtypes, non-finite values) with a :class:`PayloadError`; it never sees anything the
     client did not send.
     """
+
+    @property
+    def summable(self) -> bool:
+        """Whether the server may decode the sum of a round's payloads instead of each one.
+
+        True only when ``decode`` is linear in the payload's values (including how they
+        sit on the wire) and every random draw it depends on is round-wide
+        (:meth:`CodecContext.round_wide`), so that ``decode(sum_i payload_i)`` equals
+        ``sum_i decode(payload_i)`` for payloads of one round, up to float rounding.
+        Secure aggregation shows the server only that sum, so only a summable codec
+        can run under it.
+        """
+        ...
 
     def encode(self, delta: Mapping[str, Tensor], context: CodecContext, memory: CodecMemory) -> Payload:
         """Client side: ``delta`` (name -> tensor shaped as the adapter weight) to a payload.

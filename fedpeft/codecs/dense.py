@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from fedpeft.codecs._wire import WireDtype, check_wire_dtype, from_wire, to_wire
@@ -22,6 +23,15 @@ class Dense:
 
     def __init__(self, dtype: WireDtype = "float32") -> None:
         self.wire_dtype = check_wire_dtype(dtype)
+
+    @property
+    def summable(self) -> bool:
+        """Decode is a cast, linear in the values, with no randomness.
+
+        Except for bfloat16, which travels as int16 bit patterns: their sum is not the
+        bit pattern of the values' sum.
+        """
+        return self.wire_dtype != torch.bfloat16
 
     def encode(self, delta: Mapping[str, Tensor], context: CodecContext, memory: CodecMemory) -> Payload:
         """Cast each tensor to the wire dtype."""

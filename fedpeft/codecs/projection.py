@@ -13,6 +13,9 @@ single reconstruction is very noisy, and averaging over clients and rounds (with
 server step size below 1) is what makes the method work.
 
 Directions are generated one at a time per block (memory O(d_b), never a d x K matrix).
+They differ per client unless ``shared`` draws them round-wide: then decode, linear in
+the coefficients, turns the sum of a round's payloads into the sum of their
+reconstructions (secure aggregation).
 
 Paper: Ferret: Federated Full-Parameter Tuning at Scale for Large Language Models
 (Shu et al., 2024). Interpretation: Ferret's reference code draws truncated-normal bases
@@ -74,16 +77,30 @@ class Projection:
     Args:
         directions: K, the number of random directions per block.
         block_fraction: Block size as a fraction of the median tensor size.
+        shared: One set of directions for every client of a round (drawn from the
+            round-wide context) instead of one per client; needed under secure
+            aggregation.
 
     """
 
-    def __init__(self, directions: int = 32, block_fraction: float = 0.9) -> None:
+    def __init__(self, directions: int = 32, block_fraction: float = 0.9, shared: bool = False) -> None:
         if directions < 1:
             raise ValueError(f"directions must be >= 1, got {directions}")
         if block_fraction <= 0:
             raise ValueError(f"block_fraction must be > 0, got {block_fraction}")
         self.directions = directions
         self.block_fraction = block_fraction
+        self.shared = shared
+
+    @property
+    def summable(self) -> bool:
+        """Decode is linear in the coefficients; summable when the directions are round-wide."""
+        return self.shared
+
+    def block_generator(self, names: Sequence[str], context: CodecContext) -> torch.Generator:
+        """The generator of a block's directions in this round (and client, unless shared)."""
+        seed_context = context.round_wide() if self.shared else context
+        return seed_context.generator_for(_block_key(names))
 
     def blocks(self, shapes: Mapping[str, torch.Size]) -> list[list[str]]:
         """The blocks for tensors of these shapes (same on client and server)."""
@@ -99,7 +116,7 @@ class Projection:
         coefficients = torch.empty(len(blocks), self.directions, dtype=torch.float32)
         for row, names in enumerate(blocks):
             flat = torch.cat([delta[n].detach().float().cpu().reshape(-1) for n in names])
-            generator = context.generator_for(_block_key(names))
+            generator = self.block_generator(names, context)
             for k in range(self.directions):
                 coefficients[row, k] = torch.dot(flat, _direction(generator, flat.numel()))
         return {COEFFICIENTS: coefficients}
@@ -122,7 +139,7 @@ class Projection:
         decoded = {}
         for row, names in enumerate(blocks):
             size = sum(reference[n].numel() for n in names)
-            generator = context.generator_for(_block_key(names))
+            generator = self.block_generator(names, context)
             flat = torch.zeros(size, dtype=torch.float32)
             for k in range(self.directions):
                 flat.add_(_direction(generator, size), alpha=float(coefficients[row, k]))

@@ -2,7 +2,9 @@
 
 Client and server draw the same mask from a seed derived from (run seed, round,
 client id, tensor name), so no index is sent: the payload is ``ceil(density * n)``
-values per tensor, in the order of the mask's indices.
+values per tensor, in the order of the mask's indices. With ``shared`` the client id
+drops out of the seed: every client of a round keeps the same entries, so the sum of
+their payloads decodes to the sum of their masked deltas (secure aggregation).
 
 Paper: Federated Learning: Strategies for Improving Communication Efficiency
 (Konečný et al., 2016), "random mask" structured updates.
@@ -36,19 +38,37 @@ class RandomMask:
         dtype: Wire precision of the kept values.
         rescale: Divide decoded values by ``density`` so that the estimate is unbiased
             over the mask's randomness (otherwise decode is exactly the masked delta).
+        shared: One mask for every client of a round (drawn from the round-wide
+            context) instead of one per client; needed under secure aggregation.
 
     """
 
-    def __init__(self, density: float = 0.1, dtype: WireDtype = "float32", rescale: bool = False) -> None:
+    def __init__(
+        self,
+        density: float = 0.1,
+        dtype: WireDtype = "float32",
+        rescale: bool = False,
+        shared: bool = False,
+    ) -> None:
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         self.density = density
         self.wire_dtype = check_wire_dtype(dtype)
         self.rescale = rescale
+        self.shared = shared
+
+    @property
+    def summable(self) -> bool:
+        """Decode is a linear scatter; summable when the mask is round-wide.
+
+        Not in bfloat16, which travels as int16 bit patterns that do not add up.
+        """
+        return self.shared and self.wire_dtype != torch.bfloat16
 
     def mask_indices(self, name: str, numel: int, context: CodecContext) -> Tensor:
-        """The flat indices kept for tensor ``name`` in this (round, client)."""
-        return shared_mask_indices(numel, self.density, context.generator_for(name))
+        """The flat indices kept for tensor ``name`` in this round (and client, unless shared)."""
+        seed_context = context.round_wide() if self.shared else context
+        return shared_mask_indices(numel, self.density, seed_context.generator_for(name))
 
     def encode(self, delta: Mapping[str, Tensor], context: CodecContext, memory: CodecMemory) -> Payload:
         """Gather the masked values of each tensor."""

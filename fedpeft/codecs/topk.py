@@ -56,6 +56,11 @@ class TopK:
         self.wire_dtype = check_wire_dtype(dtype)
         self.error_feedback = error_feedback
 
+    @property
+    def summable(self) -> bool:
+        """Never: each client picks its own indices, and a sum of index lists means nothing."""
+        return False
+
     def _keep(self, numel: int) -> int:
         return max(1, math.ceil(self.density * numel))
 

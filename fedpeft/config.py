@@ -143,6 +143,48 @@ class TrainConfig(_Section):
         return self
 
 
+class SecureAggregationConfig(_Section):
+    """Flower's SecAgg+ protocol: the server learns only the sum of a round's updates.
+
+    Every sampled client's payload is quantised to integers in ``[0, 2**quantization_bits]``
+    over ``[-clipping_range, clipping_range]`` per coordinate and masked; the masks cancel
+    in the sum (see :mod:`fedpeft.flower.secure_aggregation`). Under ``privacy.client`` the
+    clients add the noise (see :mod:`fedpeft.privacy.distributed`).
+    """
+
+    enabled: bool = False
+    num_shares: int | float = 1.0
+    """Shares each client's secrets are split into: an integer >= 3, or a fraction of the
+    round's cohort (1.0: every sampled client holds one; fewer shares cost less and
+    tolerate fewer dropouts). Flower's SecAgg+ semantics."""
+    reconstruction_threshold: int | float = 0.5
+    """Shares needed to rebuild a secret: an integer below ``num_shares``, or a fraction of
+    them. A round whose clients keep fewer live neighbours than this fails (and is sent
+    again); more means better privacy against colluding clients, less dropout tolerance."""
+    clipping_range: float | None = Field(default=None, gt=0)
+    """R: each payload coordinate is clipped to [-R, R] before quantisation. Unset: 1.0
+    without DP (adapter deltas are far below it); under ``privacy.client`` the smallest
+    power of two above C (1 + 10 sigma), so that a noise share is clipped with negligible
+    probability (which is added to delta)."""
+    quantization_bits: int | None = Field(default=None, ge=8, le=30)
+    """Levels 2**bits over [-R, R]. The sum of a round's clients must stay below 2**32,
+    Flower's modulus: unset, min(24, 31 - ceil(log2(clients)))."""
+
+    def range_for(self, privacy: ClientPrivacyConfig) -> float:
+        """R, the per-coordinate clipping range the round runs with."""
+        if self.clipping_range is not None:
+            return self.clipping_range
+        if not privacy.enabled:
+            return 1.0
+        return float(2 ** math.ceil(math.log2(privacy.clipping_norm * (1 + 10 * privacy.noise_multiplier))))
+
+    def bits_for(self, clients: int) -> int:
+        """The quantisation bits for a population of ``clients`` (see ``quantization_bits``)."""
+        if self.quantization_bits is not None:
+            return self.quantization_bits
+        return min(24, 31 - math.ceil(math.log2(max(clients, 2))))
+
+
 class FederationConfig(_Section):
     """Rounds, client sampling and the update path (codec + aggregator)."""
 
@@ -170,6 +212,7 @@ class FederationConfig(_Section):
     partitions the data itself (the largest partition for an id beyond them). Set it
     when devices bring their own data (``data-file``), whose size only they know."""
     max_payload_bytes: int = Field(default=256 * 2**20, gt=0)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     round_timeout: float = Field(default=3600.0, gt=0)
     """Seconds the server waits for replies; clients still silent then are dropped."""
     round_retries: int = Field(default=2, ge=0)
@@ -516,6 +559,64 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> Config:
+        secure = self.federation.secure_aggregation
+        if not secure.enabled:
+            return self
+        prefix = "federation.secure_aggregation"
+        aggregator = self.federation.aggregator
+        if aggregator not in SUM_AGGREGATORS:
+            raise ValueError(
+                f"{prefix}: the server sees only the round's sum, but federation.aggregator "
+                f"{aggregator!r} needs each client's update; use one of {sorted(SUM_AGGREGATORS)}"
+            )
+        if self.slora.rounds:
+            raise ValueError(f"{prefix}: slora's sparse stage is not supported; set slora.rounds = 0")
+        if self.federation.min_train_clients < 2:
+            raise ValueError(
+                f"{prefix}: a sum hides nothing with one client; federation.min_train_clients >= 2"
+            )
+        shares, threshold = secure.num_shares, secure.reconstruction_threshold
+        if isinstance(shares, int) and shares < 3:
+            raise ValueError(
+                f"{prefix}.num_shares: an integer must be >= 3 (or a fraction of the cohort), got {shares}"
+            )
+        if isinstance(shares, float) and not 0 < shares <= 1:
+            raise ValueError(f"{prefix}.num_shares: a fraction must be in (0, 1], got {shares}")
+        if isinstance(threshold, int) and (
+            threshold < 2 or (isinstance(shares, int) and threshold >= shares)
+        ):
+            raise ValueError(
+                f"{prefix}.reconstruction_threshold: an integer must be >= 2 and below "
+                f"num_shares, got {threshold}"
+            )
+        if isinstance(threshold, float) and not 0 < threshold <= 1:
+            raise ValueError(
+                f"{prefix}.reconstruction_threshold: a fraction must be in (0, 1], got {threshold}"
+            )
+        clients = self.partition.num_clients
+        bits = secure.bits_for(clients)
+        if clients * 2**bits >= 2**32:
+            raise ValueError(
+                f"{prefix}.quantization_bits = {bits}: {clients} clients x 2**{bits} levels overflow "
+                f"Flower's 2**32 modulus; use at most {31 - math.ceil(math.log2(clients))} bits"
+            )
+        central = self.privacy.client
+        if central.enabled:
+            if central.accountant != "rdp":
+                raise ValueError(
+                    f"{prefix}: the clients' Skellam noise is accounted with Renyi DP only; "
+                    "set privacy.client.accountant = 'rdp'"
+                )
+            scale = secure.range_for(central)
+            if secure.clipping_range is not None and 2 ** round(math.log2(scale)) != scale:
+                raise ValueError(
+                    f"{prefix}.clipping_range = {scale:g}: under privacy.client it must be a power of "
+                    "two, so that the clients' integer shares pass Flower's quantiser exactly"
+                )
+        return self
+
     def warnings(self) -> list[str]:
         """What the run should say at start and keep in ``metrics.json`` (``warnings``)."""
         notes = []
@@ -549,6 +650,11 @@ class Config(_Section):
     def fingerprint(self) -> str:
         """A short hash of the resolved config, for caches and reports."""
         return hashlib.sha256(self.to_toml().encode()).hexdigest()[:16]
+
+
+SUM_AGGREGATORS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi"})
+"""Aggregators that step with the round's mean update alone: the ones secure aggregation,
+which shows the server only the sum, can run."""
 
 
 def check_client_delta(delta: float, clients: int) -> None:
@@ -689,6 +795,29 @@ def _check_extensions(config: Config, source: str) -> None:
         ATTACKS.build(config.attack.name, config.attack.options, "attack.options")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    if federation.secure_aggregation.enabled:
+        codec = CODECS.build(federation.codec, federation.codec_options, "federation.codec_options")
+        if not getattr(codec, "summable", False):
+            raise ConfigError(
+                f"{source}: federation.secure_aggregation: codec {federation.codec!r} cannot be summed "
+                f"({unsummable_reason(federation.codec)})"
+            )
+        import torch
+
+        if getattr(codec, "wire_dtype", torch.float32) != torch.float32:
+            raise ConfigError(
+                f"{source}: federation.secure_aggregation quantises the payload itself; set "
+                "federation.codec_options.dtype = 'float32'"
+            )
+
+
+def unsummable_reason(codec: str) -> str:
+    """Why a codec's payloads do not sum to the payload of the sum, and what to do."""
+    if codec in ("random_mask", "projection"):
+        return "each client draws its own randomness; set federation.codec_options.shared = true"
+    if codec == "topk":
+        return "each client sends its own indices; use dense, random_mask or projection with shared = true"
+    return "its decode is not linear in the payload"
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

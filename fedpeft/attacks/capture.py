@@ -91,6 +91,15 @@ def save_capture(folder: str | Path, captured: CapturedUpdate) -> Path:
     return path
 
 
+def sum_capture_path(folder: str | Path, server_round: int) -> Path:
+    """Where a secure round's sum is captured: ``round-RRRR-sum.safetensors``.
+
+    Under secure aggregation the server never holds an individual update, so what it
+    can capture is the round's sum; the name keeps it apart from per-client captures.
+    """
+    return Path(folder) / f"round-{server_round:04d}-sum.safetensors"
+
+
 def load_captures(folder: str | Path) -> list[CapturedUpdate]:
     """Every capture in ``folder``, by round then client.
 
@@ -185,3 +194,26 @@ class CapturePlan:
             num_examples=num_examples,
         )
         return save_capture(self.folder, CapturedUpdate(server_round, client_id, observation))
+
+    def save_sum(
+        self,
+        server_round: int,
+        global_state: Mapping[str, Tensor],
+        total: Mapping[str, Tensor],
+        clients: int,
+    ) -> Path:
+        """Write a secure round's decoded sum of ``clients`` updates (see :func:`sum_capture_path`)."""
+        path = sum_capture_path(self.folder, server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"global/{k}": v.contiguous() for k, v in global_state.items()}
+        tensors |= {f"sum/{k}": v.contiguous() for k, v in total.items()}
+        metadata = {
+            "threat_model": self.threat_model,
+            "learning_rate": repr(self.learning_rates[server_round]),
+            "local_steps": str(self.local_steps),
+            "clients": str(clients),
+        }
+        partial = path.with_suffix(".partial")
+        save_file(tensors, str(partial), metadata=metadata)
+        partial.replace(path)
+        return path

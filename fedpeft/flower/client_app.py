@@ -29,6 +29,7 @@ from fedpeft.flower.records import (
     state_to_record,
 )
 from fedpeft.flower.run_config import config_from_run_config
+from fedpeft.flower.secure_client import is_secure_round, secure_aggregation_mod, secure_reply
 
 
 def client_id_of(context: Context) -> int:
@@ -91,7 +92,9 @@ def build_client_app(
             folder. None (real SuperNodes): no record is written.
 
     """
-    app = ClientApp(mods=mods)
+    # SecAgg+ rounds pass through Flower's mod (inside any other mod, so that fault
+    # injection can also drop a client mid-protocol); plain rounds are left alone.
+    app = ClientApp(mods=[*(mods or []), secure_aggregation_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -111,7 +114,7 @@ def build_client_app(
         try:
             state = load_client_state(context, run_key)
         except ClientStateError as err:  # a bad run key, or a ledger no copy of which is readable
-            return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
+            return decline(msg, str(err))
         try:
             result = run_client_round(
                 experiment,
@@ -125,7 +128,7 @@ def build_client_app(
         except PrivacyBudgetExhausted as err:
             # Not a failure: the client keeps its promise. Say so instead of raising,
             # which Flower would log as a crash with a traceback.
-            return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": str(err)})}), reply_to=msg)
+            return decline(msg, str(err))
         save_client_state(context, run_key, state)
         records = batch_records_for(context) if batch_records_for is not None else None
         captured = server_round in config.capture.rounds and (
@@ -156,10 +159,27 @@ def build_client_app(
             if result.epsilon is not None and math.isfinite(result.epsilon):
                 values["epsilon"] = result.epsilon
         metrics = MetricRecord(values)
+        if is_secure_round(msg):
+            return secure_reply(msg, context, config, result.payload, result.num_examples, metrics)
         content = RecordDict({UPDATE: state_to_record(result.payload), TRAIN_METRICS: metrics})
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def decline(msg: Message, reason: str) -> Message:
+    """A reply that says why the client will not train this round.
+
+    In a SecAgg+ round the protocol has no place for a decline: the client fails the
+    round instead, which the protocol treats as a dropout (its masks are removed).
+    """
+    if is_secure_round(msg):
+        raise ClientDeclined(reason)
+    return Message(content=RecordDict({DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
+
+
+class ClientDeclined(RuntimeError):
+    """The client will not train this secure round (its reason is the message)."""
 
 
 app = build_client_app(config_from_run_config, mods=[inject_faults])

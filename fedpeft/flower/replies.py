@@ -30,7 +30,7 @@ NUMPY_STYPE = "numpy.ndarray"
 """Flower's serialisation type of an Array holding ``numpy.save`` bytes (the only one read)."""
 
 ACCEPTED_DTYPES = frozenset(
-    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool"}
 )
 """Array dtypes torch can take without a copy or a surprise; codecs then check their own."""
 
@@ -95,6 +95,24 @@ def array_to_tensor(name: str, array: Array) -> Tensor:
     if array.stype != NUMPY_STYPE:
         raise PayloadError(f"{label}: serialisation {clip_text(array.stype, 40)!r}, expected {NUMPY_STYPE!r}")
     data = array.data
+    values = npy_to_array(label, data)
+    if array.dtype != values.dtype.name or tuple(array.shape) != values.shape:
+        raise PayloadError(
+            f"{label}: declared {clip_text(array.dtype, 20)} {clip_text(tuple(array.shape), 80)} but "
+            f"its bytes hold {values.dtype.name} {values.shape}"
+        )
+    return torch.from_numpy(values)
+
+
+def npy_to_array(label: str, data: object) -> np.ndarray:
+    """``numpy.save`` bytes -> a fresh array, reading the header before anything is allocated.
+
+    Raises:
+        PayloadError: Not bytes, an unreadable header, a dtype outside
+            :data:`ACCEPTED_DTYPES` (objects, strings, structs, big-endian), or a size
+            the bytes do not match. The message starts with ``label``.
+
+    """
     if not isinstance(data, bytes):
         raise PayloadError(f"{label}: data is {type(data).__name__}, expected bytes")
     stream = io.BytesIO(data)
@@ -113,11 +131,6 @@ def array_to_tensor(name: str, array: Array) -> Tensor:
         raise PayloadError(f"{label}: dtype {clip_text(dtype.str, 40)} is not one of {accepted}")
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise PayloadError(f"{label}: shape {clip_text(shape, 80)} is not a list of sizes >= 0")
-    if array.dtype != dtype.name or tuple(array.shape) != tuple(shape):
-        raise PayloadError(
-            f"{label}: declared {clip_text(array.dtype, 20)} {clip_text(tuple(array.shape), 80)} but "
-            f"its bytes hold {dtype.name} {tuple(shape)}"
-        )
     count = math.prod(shape)
     offset = stream.tell()
     if len(data) - offset != count * dtype.itemsize:
@@ -127,7 +140,7 @@ def array_to_tensor(name: str, array: Array) -> Tensor:
         )
     values = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     values = values.reshape(shape, order="F" if fortran_order else "C")
-    return torch.from_numpy(np.array(values, order="C", copy=True))
+    return np.array(values, order="C", copy=True)
 
 
 def int_metric(metrics: Mapping[str, object], key: str, low: int, high: int) -> int:

@@ -30,6 +30,7 @@ from fedpeft.flower.run_config import (
     out_dir_from_run_config,
     resume_from_run_config,
 )
+from fedpeft.flower.secure_aggregation import ProtocolSettings, secure_train_round
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic, mean_train_loss
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.model_card import render_model_card
@@ -86,12 +87,18 @@ def run_federation(
     """
     checkpoint = open_run_folder(out_dir, config, resume)
     experiment = Experiment.cached(config)
+    secure = (
+        ProtocolSettings.of(config, experiment.partitions.sizes())
+        if config.federation.secure_aggregation.enabled
+        else None
+    )
     strategy = AdapterStrategy(
         config.federation,
         experiment.codec,
         experiment.new_aggregator(),
         config.seed,
-        config.privacy.client,
+        # Under secure aggregation the clients add the user-level noise, not the server.
+        config.privacy.client if secure is None else None,
         capture_plan(config, experiment, out_dir / "captures"),
         partition_sizes=experiment.partitions.sizes(),
         bind_client_ids=bind_client_ids,
@@ -142,8 +149,9 @@ def run_federation(
                 f"truncation drops {stage_metrics['slora_svd_dropped_norm']:.4g})"
             )
         experiment.prepare_round(server_round)
+        secure_events: list[DpEvent] = []
         global_state, traffic, trained = train_round(
-            grid, strategy, config, server_round, global_state, progress
+            grid, strategy, config, server_round, global_state, progress, secure, secure_events
         )
         result = evaluate_state(experiment, global_state)
         record = RoundRecord(
@@ -160,6 +168,8 @@ def run_federation(
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},
         )
         record_privacy_events(ledger, config, server_round, trained, strategy.releases)
+        for event in secure_events:
+            ledger.record(event)
         record.privacy.update(privacy_summary(ledger, config))
         history.rounds.append(record)
         for warning in traffic.aggregation.warnings if traffic.aggregation else ():
@@ -241,18 +251,33 @@ def train_round(
     server_round: int,
     global_state: dict[str, Tensor],
     progress: Callable[[str], None],
+    secure: ProtocolSettings | None = None,
+    secure_events: list[DpEvent] | None = None,
 ) -> tuple[dict[str, Tensor], RoundTraffic, list[ClientRoundRecord]]:
     """One round's training exchange, sent again while too few usable updates come back.
+
+    With ``secure`` the exchange is a SecAgg+ round (:mod:`fedpeft.flower.secure_aggregation`);
+    the ledger events of its unmasked sums are appended to ``secure_events``.
 
     Returns the next global state, the successful attempt's traffic and every client
     that trained in any attempt (each of them spent privacy, aggregated or not).
     """
     federation = config.federation
     trained: list[ClientRoundRecord] = []
+    secure_events = secure_events if secure_events is not None else []
     for attempt in range(federation.round_retries + 1):
-        messages = strategy.configure_train(server_round, state_to_record(global_state), ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=federation.round_timeout)
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if secure is not None:
+            new_arrays, outcome = secure_train_round(
+                grid, strategy, config, server_round, state_to_record(global_state), secure
+            )
+            if outcome.event is not None:  # every unmasked sum is a release, kept or not
+                secure_events.append(outcome.event)
+        else:
+            messages = strategy.configure_train(
+                server_round, state_to_record(global_state), ConfigRecord(), grid
+            )
+            replies = grid.send_and_receive(messages, timeout=federation.round_timeout)
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
         traffic = strategy.traffic
         trained.extend(traffic.clients)
         # A refused aggregate (not finite) leaves the round without a usable update.
@@ -260,6 +285,10 @@ def train_round(
         # Under user-level DP a round is not sent again for too few replies (that would
         # tell who was absent): its noised mean is released whatever came back.
         released = strategy.central_privacy is not None and traffic.refused is None
+        if secure is not None and config.privacy.client.enabled:
+            # Clients noised the sum themselves: a round that unmasked one is a release
+            # (accounted above) and is not sent again for too few replies.
+            released = traffic.refused is None
         if usable >= federation.min_train_clients or released:
             if new_arrays is not None:
                 global_state = record_to_state(new_arrays)

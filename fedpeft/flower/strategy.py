@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -135,6 +135,11 @@ class AdapterStrategy(Strategy):
         per release, for the ledger; empty without user-level DP)."""
         self._releases_round = 0
 
+    @property
+    def current_global(self) -> dict[str, Tensor]:
+        """The adapter the current round's clients were sent (crafted in malicious rounds)."""
+        return self._global
+
     def sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
         """Wait for enough connected nodes, then draw the round's cohort.
 
@@ -215,7 +220,7 @@ class AdapterStrategy(Strategy):
             try:
                 update, record = self._decode_reply(reply, server_round, node_id)
             except PayloadError as err:
-                self._reject(server_round, reply, node_id, str(err))
+                self.reject(server_round, reply, node_id, str(err))
                 continue
             except Exception as err:  # the last line of defence
                 # A reply no check foresaw must not end the run (a --resume would only
@@ -228,7 +233,7 @@ class AdapterStrategy(Strategy):
                     type(err).__name__,
                     exc_info=True,
                 )
-                self._reject(server_round, reply, node_id, f"{type(err).__name__} while decoding: {err}")
+                self.reject(server_round, reply, node_id, f"{type(err).__name__} while decoding: {err}")
                 continue
             updates.append(update)
             self.traffic.clients.append(record)
@@ -268,7 +273,6 @@ class AdapterStrategy(Strategy):
         # A fixed order, whatever order the replies arrived in: float sums then give the
         # same global adapter bit for bit on every run with the same seeds.
         updates.sort(key=lambda u: u.client_id)
-        aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         privacy_metrics: dict[str, float] = {}
         if self.central_privacy is not None:
             # User-level DP: the aggregator only ever sees the noised mean, divided by the
@@ -278,6 +282,18 @@ class AdapterStrategy(Strategy):
             )
             self.releases.append(self.federation.fraction_train)
             updates = [noised]
+        return self.step(server_round, updates, privacy_metrics)
+
+    def step(
+        self, server_round: int, updates: list[ClientUpdate], extra_metrics: Mapping[str, float]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregator's step from the round's global adapter with ``updates``.
+
+        An aggregate that is not finite (or an aggregator that fails) is refused: the
+        global adapter and the aggregator's state stay as they were, and the round counts
+        as one without a usable update. ``extra_metrics`` join the aggregation's own.
+        """
+        aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         try:
             result = self.aggregator.aggregate(self._global, updates)
             check_aggregate(result.state, self._global)
@@ -300,7 +316,7 @@ class AdapterStrategy(Strategy):
             if warning not in self._warned:
                 self._warned.add(warning)
                 logger.warning("round %d: %s", server_round, warning)
-        result = AggregationResult(result.state, {**privacy_metrics, **result.metrics}, result.warnings)
+        result = AggregationResult(result.state, {**extra_metrics, **result.metrics}, result.warnings)
         self.traffic.aggregation = result
         clients = self.traffic.clients
         values: dict[str, int | float | list[int] | list[float]] = {
@@ -311,7 +327,7 @@ class AdapterStrategy(Strategy):
             values["train-loss"] = train_loss
         return state_to_record(result.state), MetricRecord(values)
 
-    def _reject(self, server_round: int, reply: Message, node_id: int, reason: str) -> None:
+    def reject(self, server_round: int, reply: Message, node_id: int, reason: str) -> None:
         """Log and record a rejected reply; every client-chosen character is clipped and escaped."""
         client_id = _claimed_client_id(reply)
         reason = clip_text(reason, REJECTION_CHARS)
@@ -323,6 +339,25 @@ class AdapterStrategy(Strategy):
         self, reply: Message, server_round: int, node_id: int
     ) -> tuple[ClientUpdate, ClientRoundRecord]:
         """One reply -> its decoded, checked update; PayloadError names what is wrong."""
+        record = self.client_record(reply, server_round, node_id)
+        payload = checked_record_to_state(reply.content.array_records[UPDATE])
+        context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=record.client_id)
+        delta = self.codec.decode(payload, context, self._global)
+        check_decoded_delta(delta, self._global)
+        self.bind(node_id, record.client_id)
+        update = ClientUpdate(client_id=record.client_id, delta=delta, num_examples=record.num_examples)
+        return update, record
+
+    def client_record(
+        self, reply: Message, server_round: int, node_id: int, update_record: str = UPDATE
+    ) -> ClientRoundRecord:
+        """A reply's size, decline and metrics, checked: what the round records of its client.
+
+        Raises:
+            PayloadError: Too large, an error or a decline, ``update_record`` or the
+                metrics missing, or a metric missing, of the wrong type or out of range.
+
+        """
         # The size first, whatever the reply holds: an error or a decline is as much
         # the client's choice as an update is.
         bytes_up = reply_nbytes(reply)
@@ -337,8 +372,8 @@ class AdapterStrategy(Strategy):
         if DECLINED in content.config_records:
             reason = content.config_records[DECLINED].get("reason", "no reason given")
             raise PayloadError(f"client declined to train: {clip_text(reason)}")
-        if UPDATE not in content.array_records or TRAIN_METRICS not in content.metric_records:
-            raise PayloadError(f"reply lacks the {UPDATE!r} or {TRAIN_METRICS!r} record")
+        if update_record not in content.array_records or TRAIN_METRICS not in content.metric_records:
+            raise PayloadError(f"reply lacks the {update_record!r} or {TRAIN_METRICS!r} record")
         metrics = content.metric_records[TRAIN_METRICS]
         client_id = int_metric(metrics, "client-id", 0, MAX_CLIENT_ID)
         # Optional: a DP-SGD client does not send its un-noised training loss.
@@ -358,12 +393,7 @@ class AdapterStrategy(Strategy):
                 dp["epsilon"] = float_metric(metrics, "epsilon")
             if not 0 < dp["dp_sample_rate"] <= 1 or dp["dp_noise_multiplier"] < 0 or dp.get("epsilon", 0) < 0:
                 raise PayloadError(f"DP metrics out of range: {dp}")
-        payload = checked_record_to_state(content.array_records[UPDATE])
-        context = CodecContext(run_seed=self.run_seed, server_round=server_round, client_id=client_id)
-        delta = self.codec.decode(payload, context, self._global)
-        check_decoded_delta(delta, self._global)
-        self._bind(node_id, client_id)
-        record = ClientRoundRecord(
+        return ClientRoundRecord(
             client_id=client_id,
             bytes_up=bytes_up,
             bytes_down=self.traffic.bytes_down_by_node.get(node_id, 0),
@@ -372,7 +402,6 @@ class AdapterStrategy(Strategy):
             train_seconds=train_seconds,
             **dp,  # type: ignore[arg-type]
         )
-        return ClientUpdate(client_id=client_id, delta=delta, num_examples=num_examples), record
 
     def _example_weight(self, client_id: int, claimed: int, server_round: int, node_id: int) -> int:
         """A client's example count, capped where the server knows better than the client.
@@ -400,7 +429,7 @@ class AdapterStrategy(Strategy):
         )
         return cap
 
-    def _bind(self, node_id: int, client_id: int) -> None:
+    def bind(self, node_id: int, client_id: int) -> None:
         """Bind ``client_id`` to ``node_id`` for the run, or raise if either is bound elsewhere."""
         if not self.bind_client_ids:
             return

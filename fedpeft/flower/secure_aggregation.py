@@ -70,7 +70,7 @@ from fedpeft.flower.records import GLOBAL_ADAPTER, ROUND_CONFIG, content_nbytes
 from fedpeft.flower.replies import clip_text, npy_to_array, reply_nbytes
 from fedpeft.flower.strategy import AdapterStrategy
 from fedpeft.history import ClientRoundRecord
-from fedpeft.privacy.distributed import SkellamShare
+from fedpeft.privacy.distributed import SkellamShare, clamp_probability
 from fedpeft.privacy.ledger import DpEvent, skellam_event
 
 logger = logging.getLogger("fedpeft")
@@ -79,6 +79,8 @@ MODULUS = 2**32
 """Flower's SecAgg+ modulus: masked vectors are uint32 sums."""
 FIT_RESULT = "fitres.parameters"
 """The record Flower's client mod empties once it has masked the update in it."""
+MAX_RESTARTS = 3
+"""How often one round's protocol starts again without clients lost before training."""
 MAX_KEY_BYTES = 4096
 """The most bytes of one public key, ciphertext or secret share a reply may carry."""
 
@@ -138,6 +140,14 @@ def payload_layout(
     return PayloadLayout.of(codec.encode(zeros, context, {}))
 
 
+class LostBeforeTraining(Exception):
+    """Clients that left a SecAgg+ round before sharing their keys (``nodes``)."""
+
+    def __init__(self, nodes: set[int]) -> None:
+        super().__init__(f"nodes {sorted(nodes)} left before sharing their keys")
+        self.nodes = nodes
+
+
 @dataclass(frozen=True)
 class ProtocolSettings:
     """What one SecAgg+ round runs with, from ``federation.secure_aggregation``."""
@@ -179,6 +189,18 @@ class ProtocolSettings:
         if not central.enabled:
             return None
         return SkellamShare(central.clipping_norm, central.noise_multiplier, self.scale, dim)
+
+    def clamp_bound(self, config: Config, dim: int) -> float:
+        """The most probability, over any cohort of the run, that a round clamps a noise share.
+
+        Charged to delta for every unmasked sum (see
+        :func:`fedpeft.privacy.distributed.delta_with_clamps`); 0 without DP.
+        """
+        noise = self.noise(config, dim)
+        if noise is None:
+            return 0.0
+        cohorts = range(2, max(config.partition.num_clients, 2) + 1)
+        return max(clamp_probability(noise, cohort, self.clipping_range) for cohort in cohorts)
 
     def workflow(self) -> SecAggPlusWorkflow:
         """Flower's workflow for one round."""
@@ -265,6 +287,8 @@ class ProtocolGrid(Grid):
     bytes_up: dict[int, int] = field(default_factory=dict)
     records: dict[int, ClientRoundRecord] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
+    cohort: set[int] = field(default_factory=set)
+    """The nodes of the protocol's current run (every node a share may belong to)."""
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -293,7 +317,7 @@ class ProtocolGrid(Grid):
                         f"{self.strategy.federation.max_payload_bytes}"
                     )
                 if not reply.has_error():
-                    self._check(stage, reply, node_id, set(by_node))
+                    self._check(stage, reply, node_id, self.cohort)
             except Exception as err:
                 if not isinstance(err, PayloadError):
                     logger.error(
@@ -309,6 +333,10 @@ class ProtocolGrid(Grid):
                     )
                     self.strategy.reject(self.server_round, reply, node_id, reason)
             replies.append(reply)
+        if stage in (Stage.SETUP, Stage.SHARE_KEYS):
+            answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+            if lost := set(by_node) - answered:
+                raise LostBeforeTraining(lost)
         return replies
 
     def _check(self, stage: str, reply: Message, node_id: int, cohort: set[int]) -> None:
@@ -427,34 +455,52 @@ def secure_train_round(
     clients, every rejected or failed reply, bytes of all four stages).
     """
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    outcome = SecureRound(cohort=len(messages))
     global_state = strategy.current_global
     context = CodecContext(strategy.run_seed, server_round, 0).round_wide()
     layout = payload_layout(strategy.codec, global_state, context)
     noise = settings.noise(config, layout.size)
+    nodes = [m.metadata.dst_node_id for m in messages]
     protocol = ProtocolGrid(
-        grid,
-        strategy,
-        server_round,
-        {m.metadata.dst_node_id: m.content for m in messages},
-        layout,
+        grid, strategy, server_round, {m.metadata.dst_node_id: m.content for m in messages}, layout
     )
-    cohort = _RoundCohort([m.metadata.dst_node_id for m in messages], grid, grid.run.run_id)
-    legacy = LegacyContext(
-        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        strategy=cohort,
-        client_manager=SimpleClientManager(),
-    )
-    legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-    legacy.state.array_records["parameters"] = ArrayRecord()
-    if len(messages) < 2:
-        outcome.failure = f"{len(messages)} client(s) sampled; secure aggregation needs at least 2"
-    else:
+    run_id = grid.run.run_id
+    outcome = SecureRound()
+    cohort = _RoundCohort([], grid, run_id)
+    # Flower's SecAgg+ survives a client lost once it has shared its keys, not before:
+    # the unmask stage would ask its neighbours for shares they never got. Nobody has
+    # trained yet at that point, so the protocol starts again without it.
+    for attempt in range(MAX_RESTARTS + 1):
+        outcome = SecureRound(cohort=len(nodes))
+        if len(nodes) < 2:
+            outcome.failure = f"{len(nodes)} client(s) left in the round; secure aggregation needs at least 2"
+            break
+        cohort = _RoundCohort(nodes, grid, run_id)
+        legacy = LegacyContext(
+            Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            strategy=cohort,
+            client_manager=SimpleClientManager(),
+        )
+        legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+        legacy.state.array_records["parameters"] = ArrayRecord()
+        protocol.cohort = set(nodes)
         try:
             settings.workflow()(protocol, legacy)
+        except LostBeforeTraining as lost:
+            nodes = [node for node in nodes if node not in lost.nodes]
+            logger.warning(
+                "round %d: %d client(s) lost before sharing their keys; secure aggregation starts "
+                "again with the other %d (%d/%d)",
+                server_round,
+                len(lost.nodes),
+                len(nodes),
+                attempt + 1,
+                MAX_RESTARTS,
+            )
+            continue
         except Exception as err:  # Flower's workflow: a failed round, never a failed run
             logger.error("round %d: secure aggregation failed", server_round, exc_info=True)
             outcome.failure = f"secure aggregation failed: {type(err).__name__}: {clip_text(err)}"
+        break
     traffic = strategy.traffic
     traffic.bytes_down_by_node = dict(protocol.bytes_down)
     survivors = [proxy.node_id for proxy, _ in cohort.results if proxy.node_id in protocol.records]  # type: ignore[attr-defined]

@@ -20,8 +20,9 @@ from torch import Tensor
 import fedpeft
 from fedpeft.attacks.capture import CapturePlan, malicious_adapter, threat_model_of
 from fedpeft.checkpoint import RoundCheckpoint, check_run_folder, save_checkpoint
+from fedpeft.codecs import CodecContext
 from fedpeft.config import Config
-from fedpeft.errors import FedPeftError
+from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.deployment import with_deployment_defaults
 from fedpeft.flower.records import record_to_state, state_to_record
@@ -30,11 +31,12 @@ from fedpeft.flower.run_config import (
     out_dir_from_run_config,
     resume_from_run_config,
 )
-from fedpeft.flower.secure_aggregation import ProtocolSettings, secure_train_round
+from fedpeft.flower.secure_aggregation import ProtocolSettings, payload_layout, secure_train_round
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic, mean_train_loss
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
+from fedpeft.privacy.distributed import delta_with_clamps
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
 from fedpeft.privacy.snr import noise_warnings
 from fedpeft.training import EvalResult, evaluate
@@ -104,6 +106,13 @@ def run_federation(
         bind_client_ids=bind_client_ids,
     )
     rounds = config.federation.rounds
+    clamp = 0.0
+    if secure is not None:
+        context = CodecContext(config.seed, 1, 0).round_wide()
+        clamp = secure.clamp_bound(
+            config, payload_layout(experiment.codec, experiment.initial_state, context).size
+        )
+        check_clamp_bound(config, clamp)
     if checkpoint is not None:
         global_state = dict(checkpoint.global_state)
         ledger = checkpoint.ledger
@@ -170,7 +179,7 @@ def run_federation(
         record_privacy_events(ledger, config, server_round, trained, strategy.releases)
         for event in secure_events:
             ledger.record(event)
-        record.privacy.update(privacy_summary(ledger, config))
+        record.privacy.update(privacy_summary(ledger, config, clamp))
         history.rounds.append(record)
         for warning in traffic.aggregation.warnings if traffic.aggregation else ():
             if warning not in history.meta.setdefault("warnings", []):  # once per run, resumes too
@@ -189,7 +198,7 @@ def run_federation(
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
     experiment.prepare_round(rounds)  # the final adapter's shape (SLoRA's stage), on resume too
-    card = render_model_card(config, history, privacy_summary(ledger, config), experiment.num_labels)
+    card = render_model_card(config, history, privacy_summary(ledger, config, clamp), experiment.num_labels)
     save_adapter(experiment.model.model, global_state, out_dir / "adapter", config.model.name_or_path, card)
     save(rounds, finished=True)
     return history
@@ -311,6 +320,23 @@ def train_round(
     )
 
 
+def check_clamp_bound(config: Config, clamp: float) -> None:
+    """Refuse a secure DP run whose noise shares could be clamped with more than delta / 1000.
+
+    Raises:
+        ConfigError: Names the probability and the range to raise.
+
+    """
+    delta = config.privacy.client.delta
+    attempts = config.federation.rounds * (config.federation.round_retries + 1)
+    if attempts * clamp > delta / 1000:
+        raise ConfigError(
+            f"federation.secure_aggregation.clipping_range: clients' noise shares would be clipped "
+            f"with probability up to {attempts * clamp:.2g} over the run, more than privacy.client.delta "
+            f"/ 1000; raise clipping_range (a power of two) or leave it unset"
+        )
+
+
 def write_views(out_dir: Path, history: RunHistory, ledger: PrivacyLedger) -> None:
     """``metrics.json`` and ``privacy_ledger.json``, the readable copies of the checkpoint."""
     if ledger.events:
@@ -380,8 +406,12 @@ def record_privacy_events(
             ledger.record(DpEvent(server_round, SERVER, "client", central.noise_multiplier, rate, 1))
 
 
-def privacy_summary(ledger: PrivacyLedger, config: Config) -> dict[str, float]:
-    """Epsilon so far per unit, computed from the ledger (the only source of epsilons)."""
+def privacy_summary(ledger: PrivacyLedger, config: Config, clamp: float = 0.0) -> dict[str, float]:
+    """Epsilon so far per unit, computed from the ledger (the only source of epsilons).
+
+    ``clamp`` bounds the chance that one secure round clamped a client's noise share
+    (:meth:`ProtocolSettings.clamp_bound`); every unmasked sum charges it to delta.
+    """
     summary: dict[str, float] = {}
     example = config.privacy.example
     if example.enabled:
@@ -393,8 +423,10 @@ def privacy_summary(ledger: PrivacyLedger, config: Config) -> dict[str, float]:
         summary["delta_example"] = example.delta
     central = config.privacy.client
     if central.enabled:
-        summary["epsilon_client"] = ledger.epsilon(central.delta, SERVER, "client", central.accountant)
-        summary["delta_client"] = central.delta
+        epsilon = ledger.epsilon(central.delta, SERVER, "client", central.accountant)
+        releases = sum(1 for e in ledger.select(SERVER, "client") if e.mechanism == "skellam")
+        summary["epsilon_client"] = epsilon
+        summary["delta_client"] = delta_with_clamps(central.delta, epsilon, releases * clamp)
     return summary
 
 

@@ -207,7 +207,14 @@ def _privacy_section(config: Config, privacy: Mapping[str, float]) -> str:
             f"`{example.accountant}` | DP-SGD on each client (Opacus): {noise}, max_grad_norm "
             f"{example.max_grad_norm:g}; epsilon is the largest over clients |"
         )
-    if "epsilon_client" in privacy:
+    if "epsilon_client" in privacy and config.federation.secure_aggregation.enabled:
+        rows.append(
+            f"| client | {privacy['epsilon_client']:.4g} | {privacy['delta_client']:.3g} | "
+            f"`{client.accountant}` | distributed DP under secure aggregation: each client adds a Skellam "
+            f"share, clipping_norm {client.clipping_norm:g}, noise_multiplier {client.noise_multiplier:g} "
+            "(Gaussian-equivalent, of the clients that reached each sum); no sampling amplification |"
+        )
+    elif "epsilon_client" in privacy:
         rows.append(
             f"| client | {privacy['epsilon_client']:.4g} | {privacy['delta_client']:g} | "
             f"`{client.accountant}` | DP-FedAvg on the server: clipping_norm {client.clipping_norm:g}, "
@@ -227,7 +234,13 @@ def _privacy_section(config: Config, privacy: Mapping[str, float]) -> str:
         + "\n".join(rows)
         + "\n\nAn example-level guarantee protects one training example of a client; a client-level "
         "one protects everything one client contributed. It holds only if the run's sampling and "
-        "noise were as configured (honest server for client-level DP)."
+        "noise were as configured ("
+        + (
+            "clients that add their noise shares, an honest-but-curious server"
+            if config.federation.secure_aggregation.enabled
+            else "honest server for client-level DP"
+        )
+        + ")."
     )
 
 

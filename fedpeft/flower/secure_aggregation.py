@@ -487,6 +487,12 @@ def secure_train_round(
             settings.workflow()(protocol, legacy)
         except LostBeforeTraining as lost:
             nodes = [node for node in nodes if node not in lost.nodes]
+            if attempt == MAX_RESTARTS:
+                outcome.failure = (
+                    f"secure aggregation started {attempt + 1} times; clients kept leaving before "
+                    "sharing their keys"
+                )
+                break
             logger.warning(
                 "round %d: %d client(s) lost before sharing their keys; secure aggregation starts "
                 "again with the other %d (%d/%d)",
@@ -534,10 +540,19 @@ def secure_train_round(
         return None, outcome
     weight = sum(record.num_examples for record in traffic.clients) or 1
     if strategy.capture is not None and server_round in strategy.capture.rounds:
-        # What the server sees is the (weighted) mean: it and the client count, only.
+        # What the server sees: the round's mean and how many updates it holds. The mean
+        # times their number is their sum (under DP and with equal example counts, where
+        # every weight is the same; otherwise the example-weighted sum over the mean weight).
         total = {name: t * outcome.survivors for name, t in mean_delta.items()}
         path = strategy.capture.save_sum(server_round, global_state, total, outcome.survivors)
         logger.info("round %d: captured the sum of %d updates in %s", server_round, outcome.survivors, path)
+    if strategy.capture is not None and strategy.capture.crafts(server_round):
+        logger.warning(
+            "round %d: the server sent a crafted adapter (capture.malicious); the global adapter "
+            "stays as it was",
+            server_round,
+        )
+        return None, outcome
     metrics = {"secagg_cohort": float(outcome.cohort), "secagg_survivors": float(outcome.survivors)}
     if noise is not None:
         # The noise std of the mean, payload units: survivors' shares over survivors.

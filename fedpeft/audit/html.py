@@ -9,7 +9,7 @@ from typing import Any
 
 from fedpeft.audit.cells import format_cell, shadow_training
 
-_CSS = """
+PAGE_CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
 padding:0 20px;color:#1d2430;background:#fff;line-height:1.45}
 h1{font-size:26px;margin-bottom:4px}h2{border-bottom:2px solid #d8dee8;padding-bottom:4px;margin-top:34px}
@@ -25,7 +25,8 @@ code{background:#f1f4f9;padding:1px 4px}
 """
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A table, every cell escaped; the first ``left`` columns (names) align left, numbers right."""
     head = "".join(
         f"<th class='l'>{escape(h)}</th>" if i < left else f"<th>{escape(h)}</th>"
         for i, h in enumerate(headers)
@@ -42,11 +43,16 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def embedded_png(png: bytes, alt: str) -> str:
+    """An ``<img>`` carrying the PNG itself (base64), so the page needs no other file."""
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
 def _image(pngs: Mapping[str, bytes], figure_id: str, alt: str) -> str:
     if figure_id not in pngs:
         return ""
-    data = base64.b64encode(pngs[figure_id]).decode("ascii")
-    return f"<img alt='{escape(alt)}' src='data:image/png;base64,{data}'>"
+    return embedded_png(pngs[figure_id], alt)
 
 
 def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
@@ -56,7 +62,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
     out = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>fedpeft privacy audit</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{PAGE_CSS}</style></head><body>",
         "<h1>Privacy audit</h1>",
         f"<p class='meta'>fedpeft {escape(report['fedpeft_version'])} · "
         f"config {escape(report['config_fingerprint'])} · "
@@ -109,7 +115,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 ]
             )
     out.append(
-        _table(
+        html_table(
             ["variant", "unit", "accountant", "delta", "noise multiplier", "epsilon (max)", "test accuracy"],
             rows,
         )
@@ -123,7 +129,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
             out.append(
                 f"<p><b>{escape(v['name'])}</b>: {escape(unit['unit'])}-level epsilon per party and round</p>"
             )
-            out.append(_table(["client", *(f"round {r}" for r in range(1, rounds + 1))], per_client))
+            out.append(html_table(["client", *(f"round {r}" for r in range(1, rounds + 1))], per_client))
     for v in variants:
         out.append(f"<p><b>Assumptions ({escape(v['name'])})</b></p><ul>")
         out.extend(f"<li>{escape(a)}</li>" for a in v["guarantees"]["assumptions"])
@@ -144,7 +150,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
             f"{len(attacks['outcomes'])} captured update(s)</p>"
         )
         out.append(
-            _table(
+            html_table(
                 [
                     "round",
                     "client",
@@ -210,7 +216,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 ]
             )
     out.append(
-        _table(
+        html_table(
             [
                 "variant",
                 "canaries",
@@ -234,7 +240,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 f"{'' if c['secrets_shown'] else ' (secrets masked; --show-secrets shows them)'}</p>"
             )
             out.append(
-                _table(
+                html_table(
                     ["canary", "label", "inserted", "loss", "exposure", "extrapolated"],
                     [
                         [
@@ -277,7 +283,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                     ]
                 )
     out.append(
-        _table(
+        html_table(
             ["variant", "attack", "members", "non-members", "AUC", "TPR @ 0.1 % FPR", "TPR @ 1 % FPR"],
             rows,
             left=2,
@@ -319,7 +325,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 ]
             )
     out.append(
-        _table(
+        html_table(
             [
                 "variant",
                 "source",

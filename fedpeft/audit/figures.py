@@ -2,7 +2,8 @@
 
 A figure is plain data, ``{"id", "title", "kind", "x_label", "y_label", "x_scale",
 "y_scale", "series": [{"name", "x", "y"}]}``, so a reader of ``report.json`` can redraw
-every figure; :func:`render_png` draws one with matplotlib (Agg backend, no display).
+every figure; :func:`render_png` draws one with matplotlib (Agg backend, no display). An
+optional ``"x_integer": true`` keeps the x ticks on whole numbers (rounds).
 
 Kinds: ``line`` (x/y numbers), ``stairs`` (x = bin edges, y = counts, one fewer),
 ``category`` (x = category names shared by every series, y = numbers or null).
@@ -105,6 +106,10 @@ def render_png(spec: Figure, width: float = 6.4, height: float = 3.6, dpi: int =
                     marker=style.get("marker"),
                 )
         ax.set_xscale(spec["x_scale"])
+        if spec.get("x_integer"):  # rounds: no tick at round 1.5
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_yscale(spec["y_scale"])
         ax.set_title(spec["title"], fontsize=11)
         ax.set_xlabel(spec["x_label"])

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from fedpeft.attacks.base import ATTACKS, Reconstruction
 from fedpeft.attacks.observation import Observation
+from fedpeft.attacks.progress import heartbeat
 from fedpeft.errors import AttackError
 from fedpeft.models import LoadedModel, load_adapter_state
 
@@ -126,7 +127,9 @@ class GradientMatching:
             labels = torch.zeros(self.batch_size, replay.num_labels).requires_grad_()
         optimizer = torch.optim.Adam([t for t in (logits, labels) if t is not None], lr=self.lr)
         first_distance = last_distance = float("nan")
+        heartbeat("gradient matching: %d optimisation steps", self.steps, major=True)
         for step in range(self.steps):
+            heartbeat("gradient matching: step %d of %d", step + 1, self.steps)
             optimizer.zero_grad()
             # Anneal the softmax towards one-hot, so the soft batch that matches the
             # gradient ends near a discrete one (a soft mix can match what no text does).
@@ -177,7 +180,8 @@ class GradientMatching:
         tokens = probs.argmax(dim=-1)
         best = replay.hard_score(tokens, labels)
         top = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1).indices
-        for _ in range(self.refine_passes):
+        for refine in range(self.refine_passes):
+            heartbeat("gradient matching: discrete pass %d of %d", refine + 1, self.refine_passes, major=True)
             for b in range(tokens.shape[0]):
                 for i in replay.free_positions(self.length):
                     for candidate in top[b, i].tolist():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedpeft.attacks.progress import heartbeat
 from fedpeft.attacks.pursuit import SparseFit, unit_rows
 
 
@@ -144,6 +145,7 @@ def masked_pursuit(
     history = [fit.relative]
     cliff = None
     while len(chosen) < min(max_atoms, len(atoms)) and fit.relative >= tolerance:
+        heartbeat("masked pursuit: %d atoms of at most %d chosen", len(chosen), max_atoms)
         rough = ((atoms @ fit.residual.T) ** 2 / energy.clamp_min(1e-12)).sum(1)
         if chosen:
             rough[torch.tensor(chosen)] = -1.0

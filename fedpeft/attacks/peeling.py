@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedpeft.attacks.progress import heartbeat
 from fedpeft.attacks.second_layer import PrefixLayers
 from fedpeft.attacks.sequence_assembly import repeats_its_only_token
 from fedpeft.attacks.span import distance_to_span
@@ -180,14 +181,16 @@ class SentencePeeling:
             start = self._start(layers, spans, vocabulary, grown)
             if start is None:
                 break
+            heartbeat("peeling: growing sentence %d of at most %d", len(grown) + 1, self.max_sentences)
             sentence, steps = self._grow(layers, rows, inputs, vocabulary, start, late)
             starts.append(start)
             grown.append(sentence)
             closeness.append(steps)
             inputs.append(layers.sentence(torch.tensor(sentence)))
-        for _ in range(self.sweeps if len(grown) > 1 else 0):
+        for sweep in range(self.sweeps if len(grown) > 1 else 0):
             changed = False
             for i, sentence in enumerate(grown):
+                heartbeat("peeling: sweep %d, sentence %d of %d", sweep + 1, i + 1, len(grown))
                 # The first tokens it shares with another sentence are explained by that
                 # one's inputs, so they cannot be checked: it grows again after them.
                 shared = max(_common_prefix(sentence, other) for j, other in enumerate(grown) if j != i)
@@ -257,6 +260,7 @@ class SentencePeeling:
         """
         sentence, closeness = list(start), []
         while len(sentence) < self.max_length:
+            heartbeat("peeling: a sentence at %d tokens", len(sentence))
             view, own = layers.extensions(torch.tensor(sentence), vocabulary)
             spans = ProjectedSpans(rows, [*others, own], self.rank_tolerance, late)
             if spans.unexplained < self.explained:  # nothing is left for a next token to explain

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedpeft.attacks.progress import heartbeat
 from fedpeft.attacks.second_layer import PrefixLayers
 
 
@@ -92,9 +93,10 @@ class SentencePolish:
         polished = list(sentences)
         inputs = [layers.sentence(torch.tensor(s)) for s in polished]
         current = unexplained(rows, inputs)
-        for _ in range(self.max_edits * len(polished)):
+        for edit in range(self.max_edits * len(polished)):
             if current < self.min_unexplained:
                 break
+            heartbeat("polishing: edit %d, %.2e of the rows unexplained", edit + 1, current)
             # One token first; two at once only when no single edit helps: two inputs
             # explain more than one, whatever they are.
             best = None

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedpeft.attacks.progress import heartbeat
+
 
 @dataclass(frozen=True)
 class SparseFit:
@@ -129,6 +131,7 @@ def simultaneous_pursuit(
     fit = OrthogonalResidual(rows)
     chosen: list[int] = []
     while len(chosen) < max_atoms and fit.relative >= tolerance:
+        heartbeat("pursuit: %d atoms of at most %d chosen", len(chosen), max_atoms)
         best = int(fit.scores(atoms).argmax())
         if not fit.take(atoms[best]):  # the best atom is already explained: nothing is left
             break

@@ -69,6 +69,7 @@ from fedpeft.attacks.masked_pursuit import masked_pursuit
 from fedpeft.attacks.observation import Observation
 from fedpeft.attacks.peeling import SentencePeeling
 from fedpeft.attacks.polishing import SentencePolish
+from fedpeft.attacks.progress import heartbeat
 from fedpeft.attacks.pursuit import OrthogonalResidual, SparseFit, simultaneous_pursuit, unit_rows
 from fedpeft.attacks.second_layer import prefix_layers_of
 from fedpeft.attacks.sequence_assembly import longest_distinct
@@ -220,6 +221,12 @@ class ReCIT:
         details["saturated"] = int(saturated)
         if first.positions == "absolute":
             return self._encoder(first, basis, seen.rows, saturated, special, details)
+        heartbeat(
+            "recit: filtering the vocabulary against %d gradient rows (%s the rank)",
+            seen.rows.shape[0],
+            "past" if saturated else "within",
+            major=True,
+        )
         # Special tokens ([CLS], BOS) can start a sentence: the pairing needs them, the
         # reported token set (scored as the batch's words) does not.
         passed, scores_of = self._filter(first.candidates(), basis, seen.rows, saturated, details)
@@ -242,11 +249,13 @@ class ReCIT:
         load_adapter_state(target.model, observation.global_state)
         target.model.eval()
         details["pairing_layers"] = f"{layers.layers[0]}-{layers.layers[-1]}"
+        heartbeat("recit: pairing %d tokens into sentences (peeling)", len(passed), major=True)
         peeled = self.peeling.sentences(layers, gradients, passed)
         if peeled and self.polish.max_edits:
             # The exact test holds at any layer; the middle third mixes in the most context.
             middle = prefix_layers_of(target.model, 1 / 3, 2 / 3)
             vocabulary = torch.tensor(passed, dtype=torch.long)
+            heartbeat("recit: polishing %d sentence(s)", len(peeled), major=True)
             peeled = self.polish.sentences(middle, middle.rows(gradients), peeled, vocabulary)
         sequences = longest_distinct([(sentence, -len(sentence)) for sentence in peeled])
         return Reconstruction(tuple(tokens), scores, tuple(sequences), details)

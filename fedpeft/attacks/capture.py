@@ -2,11 +2,16 @@
 
 The server's strategy saves what it decoded from a client's reply, next to the adapter
 it had sent, one safetensors file per (round, client); nothing here imports Flower, so
-an attack runs on a saved update alone.
+an attack runs on a saved update alone. Under secure aggregation the server holds no
+client's update, only the round's sum, and saves that (``round-RRRR-sum.safetensors``):
+it loads as one observation whose update is the sum of the round's clients' updates,
+which the span attacks take as they are (the sum's rows span the union of the batches'
+inputs).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,21 +29,63 @@ from fedpeft.errors import AttackError
 from fedpeft.models import AdapterState
 
 _NAME = re.compile(r"round-(\d+)-client-(\d+)\.safetensors")
+_SUM_NAME = re.compile(r"round-(\d+)-sum\.safetensors")
+
+SUM_CLIENT_ID = -1
+"""``client_id`` of a captured sum: no one client sent it (its clients are in ``summed``)."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One client's part in a captured sum, for scoring only.
+
+    Attributes:
+        client_id: The client (its partition in a simulation).
+        drawn_batches: Its own record of its DP-SGD batches, when it kept one.
+
+    """
+
+    client_id: int
+    drawn_batches: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
 class CapturedUpdate:
-    """One client's update of one round, with what the server knew about it.
+    """One client's update of one round, or a secure round's sum, with what the server knew.
 
     ``drawn_batches`` is the DP client's own record of its Poisson batches when a
     simulation kept one (:mod:`fedpeft.attacks.drawn_batches`): for scoring only, never
-    handed to an attack.
+    handed to an attack. A captured sum (``summed`` non-empty, ``client_id`` is
+    :data:`SUM_CLIENT_ID`) names the clients whose updates it adds up, from the run's
+    ``metrics.json``: the truth it is scored against is the union of their batches.
     """
 
     server_round: int
     client_id: int
     observation: Observation
     drawn_batches: tuple[tuple[int, ...], ...] | None = None
+    summed: tuple[Contribution, ...] = ()
+
+    @property
+    def is_sum(self) -> bool:
+        """Whether the observation is a secure round's sum of several clients' updates."""
+        return bool(self.summed)
+
+    @property
+    def contributions(self) -> tuple[Contribution, ...]:
+        """Every client whose update the observation holds: one, or a sum's clients."""
+        return self.summed or (Contribution(self.client_id, self.drawn_batches),)
+
+    @property
+    def clients(self) -> tuple[int, ...]:
+        """The ids of :attr:`contributions`."""
+        return tuple(c.client_id for c in self.contributions)
+
+    def describe(self) -> str:
+        """``client 3``, or ``sum of clients 0+2`` for a captured sum."""
+        if self.is_sum:
+            return "sum of clients " + "+".join(map(str, self.clients))
+        return f"client {self.client_id}"
 
 
 def threat_model_of(train: TrainConfig, malicious: bool) -> ThreatModel:
@@ -100,24 +147,98 @@ def sum_capture_path(folder: str | Path, server_round: int) -> Path:
     return Path(folder) / f"round-{server_round:04d}-sum.safetensors"
 
 
-def load_captures(folder: str | Path) -> list[CapturedUpdate]:
-    """Every capture in ``folder``, by round then client.
+def load_captures(folder: str | Path, metrics: str | Path | None = None) -> list[CapturedUpdate]:
+    """Every capture in ``folder``, per-client updates and secure rounds' sums, by round then client.
+
+    A sum comes first in its round (its ``client_id`` is :data:`SUM_CLIENT_ID`).
+
+    Args:
+        folder: The capture folder (a run's ``captures/``).
+        metrics: The run's ``metrics.json``, which names the clients of each captured
+            sum (default: beside ``folder``); read only when the folder holds a sum.
 
     Raises:
-        AttackError: The folder is missing or holds no capture.
+        AttackError: The folder is missing or holds no capture, or a sum's clients
+            cannot be named.
 
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise AttackError(f"no capture folder at {folder}")
+    metrics_path = folder.parent / "metrics.json" if metrics is None else Path(metrics)
     found = []
     for path in sorted(folder.iterdir()):
         match = _NAME.fullmatch(path.name)
         if match:
             found.append(_load_one(path, int(match[1]), int(match[2])))
+        elif match := _SUM_NAME.fullmatch(path.name):
+            found.append(_load_sum(path, int(match[1]), metrics_path))
     if not found:
-        raise AttackError(f"{folder} holds no captured update (round-RRRR-client-CCCC.safetensors)")
-    return found
+        raise AttackError(
+            f"{folder} holds no captured update (round-RRRR-client-CCCC.safetensors or "
+            "round-RRRR-sum.safetensors)"
+        )
+    return sorted(found, key=lambda c: (c.server_round, c.client_id))
+
+
+def round_clients(metrics: str | Path, server_round: int) -> list[tuple[int, int]]:
+    """``(client id, example count)`` of every client whose update the round aggregated.
+
+    Read from a run's ``metrics.json`` (``rounds[].per_client``); in a secure round
+    these are the clients whose masked vectors are in the unmasked sum.
+
+    Raises:
+        AttackError: The file is missing, not a fedpeft metrics file, or has no such round.
+
+    """
+    path = Path(metrics)
+    try:
+        rounds = json.loads(path.read_text(encoding="utf-8"))["rounds"]
+        for record in rounds:
+            if int(record["round"]) == server_round:
+                return [(int(c["client_id"]), int(c["num_examples"])) for c in record["per_client"]]
+    except FileNotFoundError:
+        raise AttackError(
+            f"no {path}: a captured sum's clients are named by the run's metrics.json "
+            "(rounds[].per_client), which belongs beside the capture folder"
+        ) from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise AttackError(f"{path}: not a metrics file fedpeft wrote ({err})") from None
+    raise AttackError(f"{path}: no round {server_round}, whose sum was captured")
+
+
+def _load_sum(path: Path, server_round: int, metrics: Path) -> CapturedUpdate:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        count = int(metadata["clients"])
+    except (KeyError, ValueError) as err:
+        raise AttackError(f"{path}: not a sum capture fedpeft wrote ({err})") from None
+    clients = round_clients(metrics, server_round)
+    if len(clients) != count:
+        raise AttackError(
+            f"{path} sums {count} updates, but {metrics} names {len(clients)} client(s) in round "
+            f"{server_round}: {[c for c, _ in clients]}"
+        )
+    tensors = load_file(str(path))
+    try:
+        observation = Observation(
+            threat_model=metadata["threat_model"],  # type: ignore[arg-type]
+            global_state={
+                k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")
+            },
+            update={k.removeprefix("sum/"): v for k, v in tensors.items() if k.startswith("sum/")},
+            learning_rate=float(metadata["learning_rate"]),
+            local_steps=int(metadata["local_steps"]),
+            # What the server knows: the example counts the clients reported.
+            num_examples=sum(n for _, n in clients),
+        )
+    except (KeyError, ValueError) as err:
+        raise AttackError(f"{path}: not a sum capture fedpeft wrote ({err})") from None
+    summed = tuple(
+        Contribution(client, load_drawn_batches(path.parent, server_round, client)) for client, _ in clients
+    )
+    return CapturedUpdate(server_round, SUM_CLIENT_ID, observation, None, summed)
 
 
 def _load_one(path: Path, server_round: int, client_id: int) -> CapturedUpdate:

@@ -4,18 +4,21 @@ The truth is the batch each client trained on, replayed from the run's seeds: th
 client's shuffled loader is seeded by (run seed, round, client), so the evaluation
 sees exactly the examples of the round without anything being sent or stored. DP-SGD's
 Poisson batches cannot be replayed; for them the truth is the client's own record of
-its draws (:mod:`fedpeft.attacks.drawn_batches`).
+its draws (:mod:`fedpeft.attacks.drawn_batches`). A secure round's captured sum is
+scored against the union of its clients' batches: what the attacker could at best
+recover from it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedpeft.attacks.base import Attack, Reconstruction
 from fedpeft.attacks.capture import CapturedUpdate
 from fedpeft.attacks.metrics import LeakageMetrics, score_reconstruction
+from fedpeft.attacks.progress import format_elapsed, reporting
 from fedpeft.errors import AttackError
 from fedpeft.experiment import Experiment
 from fedpeft.training import local_batches
@@ -23,10 +26,11 @@ from fedpeft.training import local_batches
 
 @dataclass(frozen=True)
 class AttackOutcome:
-    """An attack's result on one captured update."""
+    """An attack's result on one captured update (or sum: ``client_id`` is -1, ``clients`` its clients)."""
 
     server_round: int
     client_id: int
+    clients: tuple[int, ...]
     threat_model: str
     metrics: LeakageMetrics
     seconds: float
@@ -71,14 +75,46 @@ def trained_sequences(
     return sequences
 
 
+def observed_sequences(experiment: Experiment, captured: CapturedUpdate) -> list[list[int]]:
+    """The truth of one capture: every sequence its clients trained on in the round, client by client.
+
+    One client's batch for a per-client capture; for a secure round's sum, the union of
+    the batches of every client in it (:attr:`CapturedUpdate.contributions`).
+
+    Raises:
+        AttackError: A DP-SGD client left no record of its batches.
+
+    """
+    return [
+        sequence
+        for part in captured.contributions
+        for sequence in trained_sequences(
+            experiment, part.client_id, captured.server_round, part.drawn_batches
+        )
+    ]
+
+
 def attack_captures(
     experiment: Experiment,
     captures: Sequence[CapturedUpdate],
     attack: Attack,
     secrets: Sequence[str] = (),
-    progress: bool = True,
+    progress: Callable[[str], None] | bool | None = True,
 ) -> list[AttackOutcome]:
-    """Run ``attack`` on each capture and score it against the replayed batch."""
+    """Run ``attack`` on each capture and score it against the replayed batch (or a sum's batches).
+
+    Args:
+        experiment: The run's experiment (its model, data, partitions and seeds).
+        captures: The captured updates (or sums) to attack, in order.
+        attack: The attack.
+        secrets: Planted secrets the metrics look for in what is recovered.
+        progress: Where a line per capture started and finished goes, and the attack's
+            heartbeats (:mod:`fedpeft.attacks.progress`); ``True``: printed at once,
+            ``False`` or ``None``: nowhere.
+
+    """
+    say = _print_now if progress is True else (progress or None)
+    begun = time.perf_counter()
     outcomes = []
     target = experiment.model
     # The attacks' span algebra runs on the CPU in float64, beside the captured updates;
@@ -86,25 +122,25 @@ def attack_captures(
     target.model.to("cpu")
     for index, captured in enumerate(captures, 1):
         experiment.prepare_round(captured.server_round)
-        truth = trained_sequences(
-            experiment, captured.client_id, captured.server_round, captured.drawn_batches
-        )
+        truth = observed_sequences(experiment, captured)
+        name = f"[{index}/{len(captures)}] round {captured.server_round} {captured.describe()}"
         if not truth:
-            if progress:
-                print(
-                    f"[{index}/{len(captures)}] round {captured.server_round} client {captured.client_id}: "
-                    "its Poisson batches drew no example, so there is nothing to recover; skipped",
-                    flush=True,
-                )
+            if say:
+                say(f"{name}: its Poisson batches drew no example, so there is nothing to recover; skipped")
             continue
+        if say:
+            tokens = sum(len(s) for s in truth)
+            say(f"{name}: attacking ({len(truth)} sequence(s), {tokens} tokens to recover)")
         started = time.perf_counter()
-        reconstruction = attack.reconstruct(captured.observation, target)
+        with reporting(say):
+            reconstruction = attack.reconstruct(captured.observation, target)
         seconds = time.perf_counter() - started
         metrics = score_reconstruction(reconstruction, truth, target.tokenizer, secrets)
         outcomes.append(
             AttackOutcome(
                 captured.server_round,
                 captured.client_id,
+                captured.clients,
                 captured.observation.threat_model,
                 metrics,
                 seconds,
@@ -112,11 +148,15 @@ def attack_captures(
                 tuple(tuple(s) for s in truth),
             )
         )
-        if progress:
-            print(
-                f"[{index}/{len(captures)}] round {captured.server_round} client {captured.client_id}: "
-                f"token recall {metrics.token_recall:.3f}  ROUGE-1 {metrics.rouge1:.3f}  "
-                f"ROUGE-L {metrics.rougeL:.3f}  {seconds:.1f} s",
-                flush=True,
+        if say:
+            say(
+                f"{name}: token recall {metrics.token_recall:.3f}  ROUGE-1 {metrics.rouge1:.3f}  "
+                f"ROUGE-L {metrics.rougeL:.3f}  {seconds:.1f} s (all so far: "
+                f"{format_elapsed(time.perf_counter() - begun)})"
             )
     return outcomes
+
+
+def _print_now(line: str) -> None:
+    # Flushed: a run piped into a log file shows a capture's start before its long work.
+    print(line, flush=True)

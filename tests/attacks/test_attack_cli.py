@@ -111,3 +111,20 @@ def test_recit_inverts_what_clients_send_to_a_boosting_server(
     # the crafted-B trick: the sentence is filtered and paired as from a crafted round.
     assert outcome["metrics"]["token_recall"] == 1.0
     assert outcome["metrics"]["rougeL"] == pytest.approx(1.0)
+
+
+def test_under_secure_aggregation_the_attack_sees_the_rounds_sum_only(
+    tmp_path: Path, tiny_llama_dir: Path, sentiment_files: dict[str, Path]
+) -> None:
+    config = attack_config(tiny_llama_dir, sentiment_files)
+    config["federation"]["secure_aggregation"] = {"enabled": True}
+    config["capture"] = {"rounds": [2], "malicious": True}  # the server cannot pick a client
+    out, proc = run_attack(config, tmp_path)
+    assert sorted(p.name for p in (out / "captures").iterdir()) == ["round-0002-sum.safetensors"]
+    [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
+    assert (outcome["round"], outcome["client"], outcome["threat_model"]) == (2, -1, "malicious")
+    # Scored against both clients' batches (one sentence each), which the sum still shows:
+    # SecAgg+ hides who sent which sentence, not the sentences.
+    assert outcome["batch_size"] == 2
+    assert outcome["metrics"]["token_recall"] >= 0.9
+    assert "sum of clients 0+1" in proc.stdout

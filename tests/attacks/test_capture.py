@@ -1,13 +1,15 @@
-"""Captures: what the server saves round-trips; the crafted adapter hides itself."""
+"""Captures: what the server saves round-trips (a secure round's sum with its clients); the crafted adapter hides itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedpeft.attacks.capture import (
+    SUM_CLIENT_ID,
     CapturedUpdate,
     CapturePlan,
     load_captures,
@@ -15,6 +17,7 @@ from fedpeft.attacks.capture import (
     save_capture,
     threat_model_of,
 )
+from fedpeft.attacks.drawn_batches import save_drawn_batches
 from fedpeft.attacks.observation import Observation
 from fedpeft.config import AdapterConfig, ModelConfig, TrainConfig
 from fedpeft.errors import AttackError
@@ -87,3 +90,48 @@ def test_crafted_adapter_leaves_the_model_computing_the_base_model(tiny_llama_di
         with loaded.model.disable_adapter():
             base = loaded.model(input_ids=ids).logits
     assert torch.equal(with_adapter, base)
+
+
+def write_metrics(run_dir: Path, rounds: dict[int, list[tuple[int, int]]]) -> Path:
+    """A ``metrics.json`` whose rounds name their clients (id, example count) as the server writes them."""
+    records = [
+        {"round": r, "per_client": [{"client_id": c, "num_examples": n} for c, n in clients]}
+        for r, clients in rounds.items()
+    ]
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps({"rounds": records}), encoding="utf-8")
+    return path
+
+
+def test_a_secure_rounds_sum_loads_as_one_observation_of_its_clients(tmp_path: Path) -> None:
+    plan = CapturePlan(tmp_path / "captures", frozenset({2}), frozenset(), False, "fedsgd", {2: 0.05}, 1)
+    state, total = observation(0).global_state, observation(1).update
+    plan.save_sum(2, state, total, clients=2)
+    save_capture(plan.folder, CapturedUpdate(1, 4, observation(2)))
+    save_drawn_batches(plan.folder, 2, 3, [[5, 1]])
+    write_metrics(tmp_path, {1: [(4, 10)], 2: [(1, 11), (3, 12)]})
+
+    first, summed = load_captures(plan.folder)
+    assert not first.is_sum and first.clients == (4,) and first.describe() == "client 4"
+    assert summed.is_sum and (summed.server_round, summed.client_id) == (2, SUM_CLIENT_ID)
+    assert summed.clients == (1, 3) and summed.describe() == "sum of clients 1+3"
+    assert [c.drawn_batches for c in summed.contributions] == [None, ((5, 1),)]
+    o = summed.observation
+    assert (o.threat_model, o.learning_rate, o.local_steps, o.num_examples) == ("fedsgd", 0.05, 1, 23)
+    assert all(torch.equal(o.update[k], total[k]) and torch.equal(o.global_state[k], state[k]) for k in total)
+
+
+def test_a_sum_whose_clients_cannot_be_named_is_refused(tmp_path: Path) -> None:
+    plan = CapturePlan(tmp_path / "captures", frozenset({1}), frozenset(), False, "fedsgd", {1: 0.05}, 1)
+    plan.save_sum(1, observation(0).global_state, observation(1).update, clients=3)
+    with pytest.raises(AttackError, match=r"metrics\.json"):
+        load_captures(plan.folder)
+    write_metrics(tmp_path, {1: [(0, 5), (1, 5)]})
+    with pytest.raises(AttackError, match=r"sums 3 updates, but .* names 2 client"):
+        load_captures(plan.folder)
+    write_metrics(tmp_path, {2: [(0, 5)]})
+    with pytest.raises(AttackError, match="no round 1"):
+        load_captures(plan.folder)
+    # Another run's metrics, named explicitly, are read instead.
+    other = write_metrics(tmp_path / "captures", {1: [(0, 5), (1, 5), (2, 5)]})
+    assert load_captures(plan.folder, other)[0].clients == (0, 1, 2)

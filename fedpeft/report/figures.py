@@ -114,4 +114,4 @@ def _epsilon(runs: Sequence[RunFolder]) -> Figure:
                 }
             )
     title = FIGURE_TITLES["epsilon"] + ("" if series else " (no run used DP)")
-    return figure("epsilon", title, "line", "round", "epsilon (example-level: max over clients)", series)
+    return figure("epsilon", title, "line", "round", "epsilon", series)

@@ -21,6 +21,8 @@ from fedpeft.config import Config
 from fedpeft.report.figures import FIGURE_TITLES, run_figures
 from fedpeft.report.runs import RunFolder, load_runs, shown_path
 
+_CSS = ".figures>div{flex:0 1 calc(50% - 6px)}"  # two a row, the last one no wider
+
 
 @dataclass(frozen=True)
 class WrittenReport:
@@ -58,7 +60,7 @@ def render_run_report(runs: Sequence[RunFolder], pngs: Mapping[str, bytes]) -> s
     out = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>fedpeft runs: {escape(', '.join(run.label for run in runs))}</title>",
-        f"<style>{PAGE_CSS}</style></head><body>",
+        f"<style>{PAGE_CSS}{_CSS}</style></head><body>",
         "<h1>Runs side by side</h1>",
         f"<p class='meta'>fedpeft {escape(fedpeft.__version__)} · {escape(created)} · "
         + escape(", ".join(f"{run.label} = {run.shown_path}" for run in runs))
@@ -82,7 +84,13 @@ def render_run_report(runs: Sequence[RunFolder], pngs: Mapping[str, bytes]) -> s
         "client spent).</p>"
     )
     out.append(html_table(_FINAL_HEADERS, [_final_row(run) for run in runs], left=2))
-    out.append("<h2>Per round</h2><div class='grid'>")
+    out.append("<h2>Per round</h2>")
+    out.append(
+        "<p class='note'>One colour per run. Loss: solid the central test loss, dashed the clients' "
+        "training loss (example-weighted). Bytes: solid up (clients to server), dashed down. Epsilon, "
+        "from the privacy ledger: solid example-level (the most any client spent), dashed "
+        "client-level.</p><div class='grid figures'>"
+    )
     for figure_id, title in FIGURE_TITLES.items():
         out.append(f"<div>{embedded_png(pngs[figure_id], title)}</div>")
     out.append("</div>")

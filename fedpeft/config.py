@@ -413,21 +413,32 @@ class AttackConfig(_Section):
 
 
 class AuditVariant(BaseModel):
-    """One entry of ``audit.compare``, parsed: ``none|example:<eps>|client:<eps>[@<batch_size>]``."""
+    """One entry of ``audit.compare``, parsed.
+
+    The grammar is ``[secagg+](none|example:<eps>|client:<eps>)[@<batch_size>]``, with
+    ``secagg`` for ``none`` under secure aggregation.
+    """
 
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     unit: Literal["example", "client"] | None
     """What DP protects: one example (DP-SGD on clients), one client (DP-FedAvg on the
-    server), or nothing (None)."""
+    server, or the clients' Skellam shares under secure aggregation), or nothing (None)."""
     target_epsilon: float | None
     """None: no DP; else the noise is calibrated to this epsilon."""
     batch_size: int | None
     """None: the config's ``train.batch_size``."""
+    secure_aggregation: bool = False
+    """Whether the federation runs under SecAgg+ (``federation.secure_aggregation``): the
+    server, and so the audit's attacks, see only each round's sum of updates."""
 
 
 def parse_audit_variant(spec: str) -> AuditVariant:
-    """Parse ``"none"``, ``"example:8"``, ``"client:8"``, ``"none@32"`` or ``"example:8@64"``.
+    """Parse ``"none"``, ``"example:8"``, ``"client:8"``, ``"none@32"``, ``"example:8@64"``, ``"secagg"``, ...
+
+    A ``secagg+`` prefix runs the same variant under secure aggregation
+    (``"secagg+client:8"``: the clients' distributed user-level DP, ``"secagg+example:8@4"``);
+    ``"secagg"`` alone is ``none`` under it.
 
     Raises:
         ValueError: Anything else (the message names the accepted forms).
@@ -435,16 +446,23 @@ def parse_audit_variant(spec: str) -> AuditVariant:
     """
     privacy, at, batch = spec.partition("@")
     problem = ValueError(
-        f"audit.compare: {spec!r} is not 'none', 'example:<epsilon>' or 'client:<epsilon>', "
-        "optionally followed by '@<batch_size>'"
+        f"audit.compare: {spec!r} is not 'none', 'example:<epsilon>', 'client:<epsilon>' or 'secagg', "
+        "optionally prefixed with 'secagg+' (e.g. 'secagg+client:8') and followed by '@<batch_size>'"
     )
+    secure = privacy == "secagg" or privacy.startswith("secagg+")
+    if privacy == "secagg":
+        privacy = "none"
+    elif secure:
+        privacy = privacy.removeprefix("secagg+")
+        if privacy == "none":
+            raise problem  # one spelling: 'secagg'
     batch_size = None
     if at:
         if not batch.isdigit() or int(batch) < 1:
             raise problem
         batch_size = int(batch)
     if privacy == "none":
-        return AuditVariant(unit=None, target_epsilon=None, batch_size=batch_size)
+        return AuditVariant(unit=None, target_epsilon=None, batch_size=batch_size, secure_aggregation=secure)
     unit, _, value = privacy.partition(":")
     try:
         epsilon = float(value)
@@ -452,7 +470,12 @@ def parse_audit_variant(spec: str) -> AuditVariant:
         raise problem from None
     if unit not in ("example", "client") or not 0 < epsilon < float("inf"):
         raise problem
-    return AuditVariant(unit=unit, target_epsilon=epsilon, batch_size=batch_size)  # type: ignore[arg-type]
+    return AuditVariant(
+        unit=unit,  # type: ignore[arg-type]
+        target_epsilon=epsilon,
+        batch_size=batch_size,
+        secure_aggregation=secure,
+    )
 
 
 class AuditConfig(_Section):
@@ -500,8 +523,11 @@ class AuditConfig(_Section):
     ``example:<target_epsilon>`` (DP-SGD on clients calibrated to that epsilon at
     ``privacy.example.delta``) or ``client:<target_epsilon>`` (user-level DP-FedAvg on
     the server, calibrated at ``privacy.client.delta``), optionally with
-    ``@<batch_size>`` to change ``train.batch_size`` (``"none@32"``): see
-    :func:`parse_audit_variant`."""
+    ``@<batch_size>`` to change ``train.batch_size`` (``"none@32"``). ``secagg`` is
+    ``none`` under secure aggregation (``federation.secure_aggregation``: the attacks see
+    only each round's sum), and a ``secagg+`` prefix puts any other variant under it
+    (``"secagg+client:8"``: the clients add Skellam noise shares, calibrated to that
+    epsilon at sample rate 1): see :func:`parse_audit_variant`."""
     confidence: float = Field(default=0.95, gt=0, lt=1)
     """Confidence of the empirical epsilon lower bound."""
 

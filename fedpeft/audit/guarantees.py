@@ -38,15 +38,31 @@ def _epsilon_by_round(
     return [_finite(epsilon_of(so_far, delta, accountant)) for so_far in composed]
 
 
+SECURE_AGGREGATION_NOTE = (
+    "Secure aggregation (Flower's SecAgg+): the server sees only each round's sum of the "
+    "sampled clients' updates, never one client's, so the attacks on captured updates run on "
+    "those sums and are scored against the union of the summed clients' batches. It is no "
+    "differential privacy: the sum and the final model still carry every client's data, and "
+    "it assumes an honest-but-curious server that does not add or drop clients to isolate one. "
+    "The shadow models (LiRA) rerun the federation in-process without the protocol: its sum is "
+    "the plain sum up to its quantisation grid, so the final model is the same function of the "
+    "data up to quantisation (and, under user-level DP, Gaussian noise of about the variance in "
+    "place of the clients' Skellam shares)."
+)
+"""What a variant under ``federation.secure_aggregation`` adds to its assumptions."""
+
+
 def assumptions_of(config: Config, smallest_client: int) -> list[str]:
     """What the reported epsilons rest on, in plain words, for this config."""
     example, client = config.privacy.example, config.privacy.client
+    secure = config.federation.secure_aggregation.enabled
     if not example.enabled and not client.enabled:
         return [
             "No differential privacy: the run makes no formal privacy promise. Everything "
-            "else in this report is an empirical measurement, a lower bound on the leak."
+            "else in this report is an empirical measurement, a lower bound on the leak.",
+            *([SECURE_AGGREGATION_NOTE] if secure else []),
         ]
-    notes = []
+    notes = [SECURE_AGGREGATION_NOTE] if secure else []
     if example.enabled:
         notes += [
             "Unit: one training example of one client (example-level DP-SGD, Opacus). A person "
@@ -65,7 +81,17 @@ def assumptions_of(config: Config, smallest_client: int) -> list[str]:
                 f"Warning: delta = {example.delta:g} is not small against the smallest client's "
                 f"{smallest_client} examples (delta x n >= 1 allows leaking an example outright)."
             )
-    if client.enabled:
+    if client.enabled and secure:
+        notes += [
+            "Unit: a whole client (distributed user-level DP): each sampled client clips its "
+            "update, rounds it onto the protocol's integer grid and adds a Skellam noise share "
+            "from randomness the server cannot know, so the server never sees an un-noised sum. "
+            "The client runs the unmodified fedpeft client: nobody can check that it added its share.",
+            "Each unmasked sum is one Skellam mechanism at sample rate 1 (the server knows who was "
+            "sampled, so no amplification is credited), with the noise of the shares that reached "
+            "it; the chance that a share is clamped by the protocol's range is added to delta.",
+        ]
+    elif client.enabled:
         notes += [
             "Unit: a whole client (user-level DP-FedAvg on the server). It trusts the server, "
             "which sees the clipped updates before noise.",
@@ -114,7 +140,11 @@ def guarantees_section(config: Config, ledger: PrivacyLedger, client_sizes: list
         section["units"].append(
             {
                 "unit": "client",
-                "mechanism": "DP-FedAvg (server side)",
+                "mechanism": (
+                    "Skellam shares (clients, under secure aggregation)"
+                    if config.federation.secure_aggregation.enabled
+                    else "DP-FedAvg (server side)"
+                ),
                 "accountant": central.accountant,
                 "delta": central.delta,
                 "target_epsilon": None,

@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from fedpeft.audit.cells import format_cell, shadow_training
+from fedpeft.audit.cells import (
+    captured_cell,
+    captured_words,
+    format_cell,
+    secure_aggregation_line,
+    shadow_training,
+)
 
 PAGE_CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
@@ -139,6 +145,8 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
     out.append("<h2>2. Attacks on captured updates</h2>")
     for v in variants:
         attacks = v["attacks"]
+        if line := secure_aggregation_line(v):
+            out.append(f"<p class='note'>{escape(line)}</p>")
         if attacks["status"] != "ran":
             out.append(
                 f"<p><b>{escape(v['name'])}</b>: {escape(attacks['attack'])} not run: "
@@ -147,7 +155,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
             continue
         out.append(
             f"<p><b>{escape(v['name'])}</b>: {escape(attacks['attack'])} on "
-            f"{len(attacks['outcomes'])} captured update(s)</p>"
+            f"{len(attacks['outcomes'])} captured {'sum' if v.get('secure_aggregation') else 'update'}(s)</p>"
         )
         out.append(
             html_table(
@@ -166,7 +174,7 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 [
                     [
                         o["round"],
-                        o["client"],
+                        captured_cell(o),
                         o["threat_model"],
                         o["batch_size"],
                         f"{o['token_precision']:.3f}",
@@ -181,11 +189,11 @@ def render_html(report: dict[str, Any], pngs: Mapping[str, bytes]) -> str:
                 left=3,
             )
         )
-        worst = ", ".join(f"round {w['round']} client {w['client']}" for w in attacks["worst"])
+        worst = ", ".join(f"round {w['round']} {captured_words(w)}" for w in attacks["worst"])
         out.append(f"<p>Worst cases (highest token recall): {escape(worst)}.</p>")
         for example in attacks["examples"]:
             out.append(
-                f"<p class='note'>round {example['round']} client {example['client']}<br>true: "
+                f"<p class='note'>round {example['round']} {captured_words(example)}<br>true: "
                 f"<code>{escape(example['true'])}</code><br>"
                 f"recovered: <code>{escape(example['recovered'])}</code></p>"
             )

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedpeft.audit.cells import format_cell, shadow_training
+from fedpeft.audit.cells import (
+    captured_cell,
+    captured_words,
+    format_cell,
+    secure_aggregation_line,
+    shadow_training,
+)
 
 
 def _cell(value: Any, missing: str = "∞") -> str:
@@ -77,6 +83,8 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
     out += ["## 2. Attacks on captured updates", ""]
     for v in variants:
         attacks = v["attacks"]
+        if line := secure_aggregation_line(v):
+            out += [line, ""]
         if attacks["status"] != "ran":
             out += [f"{v['name']}: {attacks['attack']} not run: {attacks['reason']}.", ""]
             continue
@@ -86,7 +94,7 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
                 [
                     v["name"],
                     o["round"],
-                    o["client"],
+                    captured_cell(o),
                     o["batch_size"],
                     o["token_precision"],
                     o["token_recall"],
@@ -98,7 +106,7 @@ def render_markdown(report: dict[str, Any], figure_paths: Mapping[str, str]) -> 
         )
         for e in attacks["examples"]:
             out += [
-                f"- round {e['round']} client {e['client']}: true `{e['true']}`, recovered `{e['recovered']}`"
+                f"- round {e['round']} {captured_words(e)}: true `{e['true']}`, recovered `{e['recovered']}`"
             ]
         out += [""]
 

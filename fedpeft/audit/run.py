@@ -85,12 +85,16 @@ def finished_run(config: Config, run_dir: Path) -> bool:
 def attack_section(
     experiment: Experiment, run_dir: Path, plan: AuditPlan, show_secrets: bool
 ) -> dict[str, Any]:
-    """The configured attack on the variant's captured updates, or why it did not run."""
+    """The configured attack on the variant's captured updates, or why it did not run.
+
+    Under secure aggregation the captures are the rounds' sums: each outcome row says so
+    (``sum``, ``client`` -1) and names the summed ``clients``.
+    """
     config = experiment.config
     if not config.capture.rounds:
         return {"status": "skipped", "reason": "no [capture] rounds configured", "attack": config.attack.name}
     from fedpeft.attacks import ATTACKS
-    from fedpeft.attacks.capture import load_captures
+    from fedpeft.attacks.capture import SUM_CLIENT_ID, load_captures
     from fedpeft.attacks.evaluation import attack_captures
 
     attack = ATTACKS.build(config.attack.name, config.attack.options, "attack.options")
@@ -107,7 +111,10 @@ def attack_section(
         rows.append(
             {
                 "round": outcome.server_round,
+                # Under secure aggregation: -1, the round's sum of ``clients``' updates.
                 "client": outcome.client_id,
+                "clients": list(outcome.clients),
+                "sum": outcome.client_id == SUM_CLIENT_ID,
                 "threat_model": outcome.threat_model,
                 "batch_size": config.train.batch_size,
                 "sequences": len(outcome.truth),
@@ -128,6 +135,8 @@ def attack_section(
                 {
                     "round": outcome.server_round,
                     "client": outcome.client_id,
+                    "clients": list(outcome.clients),
+                    "sum": outcome.client_id == SUM_CLIENT_ID,
                     "true": true_text,
                     "recovered": found_text,
                 }
@@ -138,7 +147,7 @@ def attack_section(
         "attack": config.attack.name,
         "reason": None,
         "outcomes": rows,
-        "worst": [{"round": r["round"], "client": r["client"]} for r in worst],
+        "worst": [{k: r[k] for k in ("round", "client", "clients", "sum")} for r in worst],
         "examples": examples,
     }
 
@@ -218,6 +227,7 @@ def audit_variant(
             "initial_accuracy": history.initial["accuracy"],
         },
         "batch_size": config.train.batch_size,
+        "secure_aggregation": config.federation.secure_aggregation.enabled,
         "reported_example_epsilon": reported,
         "guarantees": guarantees,
         "canaries": canaries,

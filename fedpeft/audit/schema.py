@@ -122,7 +122,11 @@ _VARIANT = {
     ],
     "properties": {
         "name": {"type": "string"},
-        "spec": {"type": "string", "pattern": "^(none|example:[0-9.eE+-]+)(@[0-9]+)?$"},
+        "spec": {
+            "type": "string",
+            "pattern": "^(none|secagg|(secagg\\+)?(example|client):[0-9.eE+-]+)(@[0-9]+)?$",
+        },
+        "secure_aggregation": {"type": "boolean"},
         "config_fingerprint": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
         "utility": {
             "type": "object",
@@ -157,7 +161,15 @@ _VARIANT = {
                 "status": {"enum": ["ran", "skipped"]},
                 "outcomes": {
                     "type": "array",
-                    "items": {"type": "object", "required": ["round", "client", "token_recall"]},
+                    "items": {
+                        "type": "object",
+                        "required": ["round", "client", "token_recall"],
+                        "properties": {
+                            # A secure round's sum: client -1, sum true, the summed clients.
+                            "clients": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                            "sum": {"type": "boolean"},
+                        },
+                    },
                 },
                 "examples": {
                     "type": "array",

@@ -13,6 +13,15 @@ target had its own. Only Flower's transport is left out, and the clients each ro
 are drawn afresh (seeded per shadow): the target's draw is not known here, and a shadow
 should vary over it anyway.
 
+A run under secure aggregation (``federation.secure_aggregation``, the audit's
+``secagg`` variants) has its shadows federated without the protocol: SecAgg+ needs
+Flower's message exchange between parties, and what it computes is the plain sum of the
+round's payloads up to its quantisation grid (``2 R / 2**bits`` per coordinate), so the
+final model is the same function of the data up to that rounding. Under user-level DP
+the shadow's server adds Gaussian noise of about the variance the clients' Skellam shares
+add up to (theirs also covers the rounding, and divides by the clients that took part,
+not the expected cohort: the two agree at ``fraction_train = 1``).
+
 ``"local"`` is the cheaper imitation: the first audit client's own data (nothing the
 audit inserted) plus the whole half, trained by one client for ``audit.shadow_steps``
 local steps (default: rounds x ``train.steps``). It sees its half more often than the
@@ -130,6 +139,7 @@ def federate_shadow(experiment: Experiment, shadow: int) -> int:
     ledger kept across rounds); the server decodes, applies user-level DP when
     configured, and aggregates, as the strategy does. A round in which a malicious
     server crafts what it sends leaves the global adapter as it was, as in the run.
+    Secure aggregation, where configured, is left out (see the module's docstring).
     Leaves the model holding the final global adapter.
     """
     config = experiment.config

@@ -99,6 +99,7 @@ def test_variants_parse_and_change_only_what_they_name() -> None:
         "unit": "example",
         "target_epsilon": 8.0,
         "batch_size": 64,
+        "secure_aggregation": False,
     }
     assert [variant_name(s) for s in ("none", "example:8", "client:2", "none@32")] == [
         "none",
@@ -137,3 +138,98 @@ def test_a_user_level_variant_is_calibrated_to_its_epsilon_over_the_rounds() -> 
     assert epsilon_of(events, private.privacy.client.delta, "rdp") == pytest.approx(4.0, rel=0.01)
     with pytest.raises(ConfigError, match="client:1e-06"):
         variant_config(base, "client:0.000001")
+
+
+@pytest.mark.parametrize(
+    ("spec", "unit", "epsilon", "batch", "name"),
+    [
+        ("secagg", None, None, None, "secagg"),
+        ("secagg@4", None, None, 4, "secagg-batch-4"),
+        ("secagg+client:8", "client", 8.0, None, "secagg-client-eps-8"),
+        ("secagg+example:3@4", "example", 3.0, 4, "secagg-example-eps-3-batch-4"),
+    ],
+)
+def test_secure_aggregation_variants_parse(
+    spec: str, unit: str | None, epsilon: float | None, batch: int | None, name: str
+) -> None:
+    from fedpeft.audit.variants import variant_name
+    from fedpeft.config import parse_audit_variant
+
+    variant = parse_audit_variant(spec)
+    assert (variant.unit, variant.target_epsilon, variant.batch_size) == (unit, epsilon, batch)
+    assert variant.secure_aggregation
+    assert variant_name(spec) == name
+    assert AuditConfig(compare=["none", spec]).compare == ["none", spec]
+
+
+@pytest.mark.parametrize("spec", ["secagg+none", "secagg+", "secagg:8", "secaggclient:8", "client:8+secagg"])
+def test_malformed_secure_aggregation_variants_are_refused(spec: str) -> None:
+    from fedpeft.config import parse_audit_variant
+
+    with pytest.raises(ValueError, match="secagg\\+"):
+        parse_audit_variant(spec)
+
+
+def test_a_secure_aggregation_variant_runs_the_protocol_and_captures_sums() -> None:
+    from fedpeft.audit.variants import variant_config
+
+    base = parse_config(
+        {
+            "partition": {"num_clients": 4},
+            "capture": {"rounds": [2], "clients": [0]},
+            "audit": {"membership_examples": 10, "compare": ["none", "secagg"]},
+        }
+    )
+    secure = variant_config(base, "secagg")
+    assert secure.federation.secure_aggregation.enabled
+    assert not secure.privacy.example.enabled and not secure.privacy.client.enabled
+    # The server cannot pick one client's update out of a sum: it captures the round's sum.
+    assert secure.capture.clients == [] and secure.capture.rounds == [2]
+    assert secure.audit == base.audit and secure.train == base.train
+    # Only what the spec names changes: a plain variant of a secure config runs without it.
+    plain = variant_config(secure, "none")
+    assert not plain.federation.secure_aggregation.enabled and plain.capture.clients == []
+    assert not variant_config(base, "example:8").federation.secure_aggregation.enabled
+
+
+@pytest.mark.parametrize(
+    ("federation", "match"),
+    [
+        ({"aggregator": "median"}, "federation.aggregator 'median' needs each client's update"),
+        ({"codec": "topk", "codec_options": {"density": 0.1}}, "codec 'topk' cannot be summed"),
+    ],
+)
+def test_a_secure_aggregation_variant_of_an_unsummable_config_is_refused(
+    federation: dict, match: str
+) -> None:
+    from fedpeft.audit.variants import variant_config
+
+    base = parse_config({"federation": federation, "audit": {"membership_examples": 10}})
+    assert variant_config(base, "none")  # runs without the protocol
+    with pytest.raises(ConfigError, match=f"audit variant secagg: .*{match}"):
+        variant_config(base, "secagg")
+
+
+def test_a_secure_user_level_variant_is_calibrated_at_sample_rate_one() -> None:
+    from fedpeft.audit.variants import variant_config
+    from fedpeft.flower.secure_aggregation import ProtocolSettings
+    from fedpeft.privacy.ledger import epsilon_of, skellam_event
+
+    base = parse_config(
+        {
+            "partition": {"num_clients": 8},
+            "federation": {"rounds": 5, "fraction_train": 0.5, "min_train_clients": 2},
+            "audit": {"membership_examples": 10},
+        }
+    )
+    secure = variant_config(base, "secagg+client:4")
+    central = variant_config(base, "client:4")
+    assert secure.privacy.client.enabled and secure.federation.secure_aggregation.enabled
+    # No amplification by sampling is credited to the clients' shares: more noise for the same epsilon.
+    assert secure.privacy.client.noise_multiplier > 1.5 * central.privacy.client.noise_multiplier
+    # What the server's ledger will hold: one Skellam event per unmasked sum (every sampled
+    # client survives), on the protocol's grid, for an adapter of 100,000 coordinates.
+    noise = ProtocolSettings.of(secure, [50] * 8).noise(secure, 100_000)
+    assert noise is not None
+    events = [skellam_event(r, noise, cohort=4, survivors=4) for r in range(1, 6)]
+    assert epsilon_of(events, secure.privacy.client.delta, "rdp") == pytest.approx(4.0, rel=0.01)

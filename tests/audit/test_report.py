@@ -162,7 +162,8 @@ def test_schema_rejects_broken_reports() -> None:
     report = build_report(config, [_variant(config, "none", 0.4, PrivacyLedger())])
     for breaks in (
         lambda r: r.pop("config_fingerprint"),
-        lambda r: r["variants"][0].update(spec="client:3"),
+        lambda r: r["variants"][0].update(spec="secagg+none"),
+        lambda r: r["variants"][0].update(spec="client"),
         lambda r: r["figures"].clear(),
         lambda r: r["verdict"]["variants"][0].update(level="fine"),
     ):
@@ -193,3 +194,47 @@ def test_a_verdict_names_the_rule_that_set_it_and_ignores_a_chance_tpr() -> None
     membership["attacks"][0]["tpr_at_fpr"]["0.01"] = 6 / 195
     verdict = variant_verdict(variant)
     assert verdict["level"] == "low" and not any("false positives" in r for r in verdict["reasons"])
+
+
+def test_a_secure_aggregation_variant_is_labelled_and_its_attacks_shown_on_sums(tmp_path: Path) -> None:
+    from fedpeft.audit.variants import variant_config
+
+    config = variant_config(_config(False), "secagg")
+    variant = _variant(config, "secagg", 0.4, PrivacyLedger())
+    row = {"round": 2, "client": -1, "clients": [0, 1], "sum": True, "threat_model": "fedavg"}
+    row |= {"batch_size": 16, "sequences": 32, "seconds": 1.0, "token_precision": 0.5, "token_recall": 0.25}
+    row |= {
+        "rouge1": 0.3,
+        "rouge2": 0.1,
+        "rougeL": 0.2,
+        "exact_sequence_rate": 0.0,
+        "pii_recovery_rate": None,
+    }
+    variant |= {
+        "spec": "secagg",
+        "secure_aggregation": True,
+        "attacks": {
+            "status": "ran",
+            "attack": "token_set",
+            "reason": None,
+            "outcomes": [row],
+            "worst": [{"round": 2, "client": -1, "clients": [0, 1], "sum": True}],
+            "examples": [
+                {"round": 2, "client": -1, "clients": [0, 1], "sum": True, "true": "a", "recovered": "b"}
+            ],
+        },
+    }
+    plain = _variant(_config(False), "none", 0.4, PrivacyLedger())
+    report = build_report(config, [plain, variant])
+    validate_report(report)
+    write_report(report, tmp_path)
+    assert any("Secure aggregation" in a for a in variant["guarantees"]["assumptions"])
+    assert not any("Secure aggregation" in a for a in plain["guarantees"]["assumptions"])
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "secagg runs under secure aggregation (SecAgg+)" in markdown
+    assert "(sums of 2 updates)" in markdown and "none runs under" not in markdown
+    assert "| secagg | 2 | sum 0+1 | 16 |" in markdown
+    assert "round 2 the sum of clients 0+1: true `a`" in markdown
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "token_set on 1 captured sum(s)" in html and ">sum 0+1</td>" in html
+    assert "round 2 the sum of clients 0+1" in html

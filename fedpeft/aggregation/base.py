@@ -1,4 +1,12 @@
-"""The aggregator interface: decoded deltas in, next global adapter state out."""
+"""The aggregator interface: decoded deltas in, next global adapter state out.
+
+Two ways in: :meth:`Aggregator.aggregate` takes a round's updates at once;
+:meth:`Aggregator.accumulator` starts an :class:`Accumulator` that folds each update in
+as the server decodes it (streaming), so a linear rule holds O(adapter) memory however
+large the cohort. Rules that need every update together (median, trimmed mean, Krum,
+``lora_product``) return no accumulator and say why; :func:`accumulator_for` then
+collects the updates for :meth:`~Aggregator.aggregate`.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +56,22 @@ class AggregationResult:
     warnings: tuple[str, ...] = ()
 
 
+class Accumulator(Protocol):
+    """One round of an aggregator, fed one update at a time.
+
+    :meth:`add` must not change the aggregator's state (a round whose aggregate is
+    refused leaves it as it was); :meth:`finish` is called once and makes the step.
+    """
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one decoded update in; the caller may drop it afterwards."""
+        ...
+
+    def finish(self) -> AggregationResult:
+        """The round's result from everything added (at least one update)."""
+        ...
+
+
 class Aggregator(Protocol):
     """Combines one round's updates. May keep server state across rounds."""
 
@@ -55,6 +79,16 @@ class Aggregator(Protocol):
         self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]
     ) -> AggregationResult:
         """Return the next global state; ``updates`` is non-empty."""
+        ...
+
+    def accumulator(
+        self, global_state: Mapping[str, Tensor], cohort: int | None = None
+    ) -> Accumulator | None:
+        """A streaming round from ``global_state``, or None if the rule needs every update at once.
+
+        ``cohort``: how many updates the round expects, when known (diagnostics may
+        pick an exact or a sketched route by it); more or fewer may arrive.
+        """
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -67,6 +101,42 @@ class Aggregator(Protocol):
 
 
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator", "federation.aggregator")
+
+
+def fold(accumulator: Accumulator, updates: Sequence[ClientUpdate]) -> AggregationResult:
+    """Add every update in order and finish: ``aggregate`` for rules that stream."""
+    for update in updates:
+        accumulator.add(update)
+    return accumulator.finish()
+
+
+class CollectedUpdates:
+    """The batch path behind the accumulator interface: keeps every update, then aggregates.
+
+    For rules that need every update at once (median, trimmed mean, Krum,
+    ``lora_product``): memory grows with the cohort, as it must for them.
+    """
+
+    def __init__(self, aggregator: Aggregator, global_state: Mapping[str, Tensor]) -> None:
+        self.aggregator = aggregator
+        self.global_state = global_state
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Keep the update for :meth:`finish`."""
+        self.updates.append(update)
+
+    def finish(self) -> AggregationResult:
+        """``aggregator.aggregate`` over the updates in the order they were added."""
+        return self.aggregator.aggregate(self.global_state, self.updates)
+
+
+def accumulator_for(
+    aggregator: Aggregator, global_state: Mapping[str, Tensor], cohort: int | None = None
+) -> Accumulator:
+    """The aggregator's own accumulator when it streams, else one that collects the updates."""
+    accumulator = aggregator.accumulator(global_state, cohort)
+    return accumulator if accumulator is not None else CollectedUpdates(aggregator, global_state)
 
 
 def check_aggregate(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> None:

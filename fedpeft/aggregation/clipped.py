@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor
 
 from fedpeft.aggregation._math import clip_update_norm, update_norm
-from fedpeft.aggregation.base import AggregationResult, Aggregator, ClientUpdate
+from fedpeft.aggregation.base import Accumulator, AggregationResult, Aggregator, ClientUpdate, fold
 
 
 class ClippedUpdates:
@@ -31,6 +31,8 @@ class ClippedUpdates:
 
     Adds ``clipped_updates`` (how many updates were scaled down) and
     ``update_norm_median`` (of the norms before clipping) to the inner metrics.
+    Clipping is per update, so it streams whenever the inner aggregator does (the
+    median of the norms keeps one float per update, not the updates).
 
     Args:
         inner: The aggregator that combines the clipped updates.
@@ -54,17 +56,28 @@ class ClippedUpdates:
                 already reject such payloads, so this is a guard).
 
         """
-        norms = [update_norm(u.delta) for u in updates]
-        for update, norm in zip(updates, norms, strict=True):
-            if not math.isfinite(norm):
-                raise ValueError(f"update of client {update.client_id} is not finite (norm {norm})")
-        clipped = [
-            replace(u, delta=clip_update_norm(u.delta, self.max_update_norm))
-            if norm > self.max_update_norm
-            else u
-            for u, norm in zip(updates, norms, strict=True)
-        ]
-        result = self.inner.aggregate(global_state, clipped)
+        streaming = self.accumulator(global_state, len(updates))
+        if streaming is not None:
+            return fold(streaming, updates)
+        norms = [_finite_norm(u) for u in updates]
+        clipped = [self._clipped(u, norm) for u, norm in zip(updates, norms, strict=True)]
+        return self._with_metrics(self.inner.aggregate(global_state, clipped), norms)
+
+    def accumulator(
+        self, global_state: Mapping[str, Tensor], cohort: int | None = None
+    ) -> ClippingRound | None:
+        """Clip each update as it arrives into the inner round; None if the inner rule does not stream."""
+        inner = self.inner.accumulator(global_state, cohort)
+        return ClippingRound(self, inner) if inner is not None else None
+
+    def _clipped(self, update: ClientUpdate, norm: float) -> ClientUpdate:
+        """The update scaled to ``max_update_norm`` if its ``norm`` exceeds it, else itself."""
+        if norm > self.max_update_norm:
+            return replace(update, delta=clip_update_norm(update.delta, self.max_update_norm))
+        return update
+
+    def _with_metrics(self, result: AggregationResult, norms: Sequence[float]) -> AggregationResult:
+        """The inner result with the clipping metrics added."""
         metrics = {
             **result.metrics,
             "clipped_updates": float(sum(norm > self.max_update_norm for norm in norms)),
@@ -79,3 +92,35 @@ class ClippedUpdates:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the inner aggregator's state."""
         self.inner.load_state_dict(state)
+
+
+def _finite_norm(update: ClientUpdate) -> float:
+    """The update's L2 norm; raises ValueError naming the client if it is not finite."""
+    norm = update_norm(update.delta)
+    if not math.isfinite(norm):
+        raise ValueError(f"update of client {update.client_id} is not finite (norm {norm})")
+    return norm
+
+
+class ClippingRound:
+    """A streamed round of :class:`ClippedUpdates`: clip, fold into the inner round, keep the norm."""
+
+    def __init__(self, clipped: ClippedUpdates, inner: Accumulator) -> None:
+        self.clipped = clipped
+        self.inner = inner
+        self.norms: list[float] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Clip one update and fold it into the inner round.
+
+        Raises:
+            ValueError: The update holds NaN or Inf.
+
+        """
+        norm = _finite_norm(update)
+        self.inner.add(self.clipped._clipped(update, norm))
+        self.norms.append(norm)
+
+    def finish(self) -> AggregationResult:
+        """The inner round's result with the clipping metrics."""
+        return self.clipped._with_metrics(self.inner.finish(), self.norms)

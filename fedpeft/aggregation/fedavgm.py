@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedpeft.aggregation._math import weighted_mean
-from fedpeft.aggregation.base import AGGREGATORS, AggregationResult, ClientUpdate
+from fedpeft.aggregation._running import MeanStep
+from fedpeft.aggregation.base import AGGREGATORS, AggregationResult, ClientUpdate, fold
 
 
 @AGGREGATORS.register("fedavgm")
@@ -40,8 +40,17 @@ class FedAvgM:
     def aggregate(
         self, global_state: Mapping[str, Tensor], updates: Sequence[ClientUpdate]
     ) -> AggregationResult:
-        """Average the deltas, fold them into the velocity and step."""
-        mean_delta = weighted_mean([u.delta for u in updates], [float(u.num_examples) for u in updates])
+        """Average the deltas, fold them into the velocity and step (via :meth:`accumulator`)."""
+        return fold(self.accumulator(global_state, len(updates)), updates)
+
+    def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> MeanStep:
+        """Stream the example-weighted mean; step once on it at the end."""
+        return MeanStep(lambda mean: self.step_on_mean(global_state, mean))
+
+    def step_on_mean(
+        self, global_state: Mapping[str, Tensor], mean_delta: Mapping[str, Tensor]
+    ) -> AggregationResult:
+        """One server step with the round's mean delta (updates this aggregator's state)."""
         for name, delta in mean_delta.items():
             gradient = -delta.to(torch.float64)
             previous = self.velocity.get(name)

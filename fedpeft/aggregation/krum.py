@@ -70,6 +70,10 @@ class Krum:
             )
         return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics, warnings)
 
+    def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> None:
+        """No streaming: Krum compares every pair of updates."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Krum keeps no state between rounds."""
         return {}

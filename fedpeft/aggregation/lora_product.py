@@ -60,6 +60,10 @@ class LoraProduct:
             dropped_squared += refactored.dropped**2
         return AggregationResult(state, {"svd_dropped_norm": dropped_squared**0.5})
 
+    def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> None:
+        """No streaming: the exact product average keeps every client's factors."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Stateless."""
         return {}

@@ -48,6 +48,10 @@ class Median:
         median_delta = coordinate_median([u.delta for u in updates])
         return AggregationResult(apply_delta(global_state, median_delta, self.server_lr))
 
+    def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> None:
+        """No streaming: the coordinate-wise median needs every update at once."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The median keeps no state between rounds."""
         return {}

@@ -62,6 +62,10 @@ class TrimmedMean:
             )
         return AggregationResult(apply_delta(global_state, mean_delta, self.server_lr), metrics, warnings)
 
+    def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> None:
+        """No streaming: the coordinate-wise trimmed mean sorts every update per coordinate."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The trimmed mean keeps no state between rounds."""
         return {}

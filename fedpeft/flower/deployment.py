@@ -8,6 +8,9 @@ the config is resolved and validated first, then sent whole as the run config's
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,22 +37,58 @@ key sets another bound.
 """
 
 
-def with_deployment_defaults(config: Config, progress: Callable[[str], None] = print) -> Config:
+def with_deployment_defaults(
+    config: Config, progress: Callable[[str], None] = print, sent_to_clients: bool = False
+) -> Config:
     """``config`` as a deployed server runs it: with a norm bound if it sets none.
 
     Says so through ``progress`` (the server's log, which ``fedpeft deploy`` streams).
     The run folder's ``config.toml`` then holds the bound, and a resume applies the
     same default, so the config fingerprint matches.
+
+    Args:
+        config: The run's config.
+        progress: Where the note goes.
+        sent_to_clients: The bound will travel in the run config (``fedpeft deploy``
+            applies it before submitting), so the ClientApps read it too. False: only
+            this server holds it (a run submitted with plain ``flwr run``).
+
     """
     if config.federation.max_update_norm is not None:
         return config
-    progress(
-        f"federation.max_update_norm unset: deployed, every client update is clipped to L2 norm "
-        f"{DEPLOYMENT_MAX_UPDATE_NORM:g} (set federation.max_update_norm to choose another bound)"
-    )
+    progress(deployment_norm_note(config, sent_to_clients))
     data = config.to_dict()
     data["federation"]["max_update_norm"] = DEPLOYMENT_MAX_UPDATE_NORM
     return parse_config(data, "deployment defaults")
+
+
+def deployment_norm_note(config: Config, sent_to_clients: bool) -> str:
+    """What the default bound does in this run: who clips what to it.
+
+    Under secure aggregation the server never sees a single update, so it cannot clip
+    one: each client clips its own update before masking it
+    (:func:`fedpeft.flower.secure_client.secure_reply`), which holds only for honest
+    clients that were sent the bound, and the server can clip only the round's mean.
+    """
+    bound = f"{DEPLOYMENT_MAX_UPDATE_NORM:g}"
+    choose = "set federation.max_update_norm to choose another bound"
+    if not config.federation.secure_aggregation.enabled:
+        return (
+            f"federation.max_update_norm unset: deployed, every client update is clipped to L2 norm "
+            f"{bound} ({choose})"
+        )
+    if sent_to_clients:
+        clients = f"each client clips its own update to L2 norm {bound} before masking it"
+    else:
+        clients = (
+            "the clients were not sent this bound and clip nothing (submit with fedpeft deploy, "
+            "which sends it, or set federation.max_update_norm)"
+        )
+    return (
+        f"federation.max_update_norm unset: deployed under secure aggregation, the server sees only "
+        f"the round's sum and cannot clip single updates: {clients}, and the server clips the "
+        f"round's mean to {bound}; an honest client's bound, not a check ({choose})"
+    )
 
 
 def app_folder() -> Path:
@@ -86,8 +125,63 @@ def deploy_command(
     return [flwr, "run", str(app_folder()), superlink, "--stream", "--run-config", str(run_config_file)]
 
 
+RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+"""The line of ``flwr run`` that names the run it started."""
+STATUS_TIMEOUT = 30.0
+"""Seconds ``fedpeft deploy`` waits for the SuperLink to say how a run ended."""
+
+
 def deploy(config: Config, superlink: str, out_dir: Path, resume: bool = False) -> int:
-    """Submit the run to ``superlink`` and stream its log here; returns flwr's exit code."""
+    """Submit the run to ``superlink`` and stream its log here; 0 only if the run completed.
+
+    The deployment defaults are applied here, before the config is sent: the ClientApps
+    read the run config, not the server's copy, and under secure aggregation a client
+    clips its own update to ``federation.max_update_norm``.
+
+    ``flwr run --stream`` exits 0 when the log stream ends, whether the ServerApp
+    finished or raised (a :class:`~fedpeft.flower.server_app.FederationError`, say).
+    So the run's id is read from its output and its final status asked of the
+    SuperLink: a run that did not complete returns 1, with the status and the reason
+    (the ServerApp's exception) as the last line.
+    """
+    config = with_deployment_defaults(config, sent_to_clients=True)
     with tempfile.TemporaryDirectory(prefix="fedpeft-deploy-") as folder:
         command = deploy_command(config, superlink, out_dir, resume, Path(folder) / "run-config.toml")
-        return subprocess.run(command, check=False).returncode
+        run_id = None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log as it comes, through the pipe
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, errors="replace", env=env) as flwr:
+            for line in flwr.stdout or ():
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if run_id is None and (started := RUN_STARTED.search(line)):
+                    run_id = int(started.group(1))
+    if flwr.returncode != 0 or run_id is None:
+        return flwr.returncode or 1
+    status, details = run_status(command[0], superlink, run_id)
+    if status != "finished:completed":
+        print(f"fedpeft deploy: run {run_id} ended {status}: {details}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_status(flwr: str, superlink: str, run_id: int) -> tuple[str, str]:
+    """Run ``run_id``'s status at the SuperLink, and its details, from ``flwr ls``.
+
+    The status is Flower's: ``finished:completed``, ``finished:failed`` (the details
+    hold the ServerApp's exception), ``finished:stopped``, ``running``, ...
+    """
+    command = [flwr, "ls", superlink, "--run-id", str(run_id), "--format", "json"]
+    try:  # bounded: a SuperLink that went down with the run must not hang the operator
+        done = subprocess.run(
+            command, capture_output=True, text=True, errors="replace", check=False, timeout=STATUS_TIMEOUT
+        )
+        answer = json.loads(done.stdout)
+        if not answer.get("success"):
+            return "unknown", f"flwr ls: {' '.join(str(answer.get('error-message')).split())}"
+        run = answer["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+    except subprocess.TimeoutExpired:
+        return "unknown", f"flwr ls did not answer in {STATUS_TIMEOUT:g} s"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        reason = done.stdout.strip() or done.stderr.strip()
+        return "unknown", f"flwr ls could not tell ({reason[-500:]})"

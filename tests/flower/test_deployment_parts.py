@@ -13,13 +13,25 @@ import pytest
 import tomllib
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedpeft.cli import main
 from fedpeft.config import parse_config
 from fedpeft.errors import ConfigError
 from fedpeft.flower.client_app import client_id_of, config_for_node
-from fedpeft.flower.deployment import deploy_command
-from fedpeft.flower.fault_injection import OVERSIZE_BYTES, corrupt_update, fault_of_round
+from fedpeft.flower.deployment import (
+    DEPLOYMENT_MAX_UPDATE_NORM,
+    deploy_command,
+    deployment_norm_note,
+    with_deployment_defaults,
+)
+from fedpeft.flower.fault_injection import (
+    OVERSIZE_BYTES,
+    InjectedDropout,
+    corrupt_update,
+    fault_of_round,
+    inject_faults,
+)
 from fedpeft.flower.records import ROUND_CONFIG, record_to_state, state_to_record
 from fedpeft.flower.run_config import config_from_run_config, resume_from_run_config
 
@@ -77,6 +89,48 @@ def test_fault_list_cycles_over_rounds_and_unknown_kinds_fail() -> None:
     ]
     with pytest.raises(ConfigError, match=r"'fault'.*each entry one of"):
         fault_of_round("nan,explode", round_message(1))
+
+
+def secure_message(stage: str, server_round: int) -> Message:
+    """A SecAgg+ message as Flower's workflow sends it: the round only in its group id."""
+    content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: stage})})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN, group_id=str(server_round))
+
+
+def test_secagg_drop_after_keys_fails_only_the_masked_vector_stage_of_its_rounds() -> None:
+    node = context({"partition-id": 0, "fault": "none,secagg-drop-after-keys"})
+    answered: list[Message] = []
+
+    def honest(msg: Message, _: Context) -> Message:
+        answered.append(msg)
+        return msg
+
+    key_stages = [secure_message(stage, 2) for stage in (Stage.SETUP, Stage.SHARE_KEYS)]
+    passing = [
+        *key_stages,  # round 2 drops, but only once its keys are out
+        secure_message(Stage.COLLECT_MASKED_VECTORS, 1),  # round 1: 'none'
+        secure_message(Stage.UNMASK, 1),
+        round_message(2),  # a plain round has no keys to drop after: an honest reply
+    ]
+    for msg in passing:
+        assert inject_faults(msg, node, honest) is msg
+    assert answered == passing
+    with pytest.raises(InjectedDropout, match="round 2 after sharing keys"):
+        inject_faults(secure_message(Stage.COLLECT_MASKED_VECTORS, 2), node, honest)
+    assert len(answered) == len(passing)  # it did not train
+
+
+def test_the_default_norm_note_says_who_clips_under_secure_aggregation(tiny_config_data: dict) -> None:
+    plain = parse_config(tiny_config_data)
+    assert "every client update is clipped" in deployment_norm_note(plain, sent_to_clients=True)
+    tiny_config_data["federation"]["secure_aggregation"] = {"enabled": True}
+    secure = parse_config(tiny_config_data)
+    sent = deployment_norm_note(secure, sent_to_clients=True)
+    assert "cannot clip single updates" in sent and "each client clips its own update" in sent
+    assert "were not sent this bound" in deployment_norm_note(secure, sent_to_clients=False)
+    said: list[str] = []
+    bounded = with_deployment_defaults(secure, said.append, sent_to_clients=True)
+    assert bounded.federation.max_update_norm == DEPLOYMENT_MAX_UPDATE_NORM and said == [sent]
 
 
 def test_corrupted_updates_are_what_the_server_must_reject() -> None:

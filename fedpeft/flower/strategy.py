@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedpeft.aggregation import AggregationResult, Aggregator, ClientUpdate
-from fedpeft.aggregation.base import check_aggregate
+from fedpeft.aggregation.base import Accumulator, accumulator_for, check_aggregate
 from fedpeft.attacks.capture import CapturePlan
 from fedpeft.codecs import CodecContext, UpdateCodec
 from fedpeft.codecs.base import check_decoded_delta
@@ -48,7 +48,7 @@ from fedpeft.flower.replies import (
     reply_nbytes,
 )
 from fedpeft.history import ClientRoundRecord
-from fedpeft.privacy.central import noisy_mean, poisson_sample
+from fedpeft.privacy.central import NoisyMean, poisson_sample
 
 logger = logging.getLogger("fedpeft")
 
@@ -207,15 +207,36 @@ class AdapterStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check every reply; aggregate the good ones; log and skip the rest.
+        """Decode and check every reply; fold the good ones in as they are decoded; log and skip the rest.
 
         No reply can end the run: whatever is wrong with one (its size, records,
         arrays, metrics, its decoded delta, or an error no check foresaw) rejects that
         reply alone, naming the node. An aggregate that is not finite is refused and
         the global adapter (and the aggregator's state) stay as they were.
+
+        Streaming: each accepted update goes into the round's accumulator (the
+        aggregator's own when it streams, DP-FedAvg's clipped float64 sum under
+        user-level DP) as soon as it is decoded, and is dropped; only rules that need
+        every update at once (median, trimmed mean, Krum, ``lora_product``) keep them
+        all. The replies are folded in the order of the client ids they claim (sorted
+        before anything is decoded), so the same seeds give the same global adapter
+        bit for bit whatever order the replies arrived in; the sums are float64, so
+        another order would change them only by float64 rounding before the cast to
+        the adapter's dtype.
         """
-        updates: list[ClientUpdate] = []
-        for reply in replies:
+        ordered = sorted(replies, key=_fold_order)
+        crafted = self.capture is not None and self.capture.crafts(server_round)
+        private = (
+            NoisyMean(self.expected_clients, self.central_privacy, self._global)
+            if self.central_privacy is not None
+            else None
+        )
+        accumulator: Accumulator | None = (
+            accumulator_for(self.aggregator, self._global, len(ordered)) if private is None else None
+        )
+        accepted = 0
+        fold_error: Exception | None = None
+        for reply in ordered:
             node_id = reply.metadata.src_node_id
             try:
                 update, record = self._decode_reply(reply, server_round, node_id)
@@ -235,7 +256,7 @@ class AdapterStrategy(Strategy):
                 )
                 self.reject(server_round, reply, node_id, f"{type(err).__name__} while decoding: {err}")
                 continue
-            updates.append(update)
+            accepted += 1
             self.traffic.clients.append(record)
             if self.capture is not None and self.capture.wants(server_round, update.client_id):
                 path = self.capture.save(
@@ -244,50 +265,73 @@ class AdapterStrategy(Strategy):
                 logger.info(
                     "round %d: captured the update of client %d in %s", server_round, update.client_id, path
                 )
-        if self.capture is not None and self.capture.crafts(server_round):
+            if crafted or fold_error is not None:
+                continue
+            if private is not None:
+                private.add(update)
+                continue
+            assert accumulator is not None  # set whenever private is not
+            try:
+                accumulator.add(update)
+            except Exception as err:
+                # As an aggregator that fails on the whole round: the round is refused
+                # (in finish_round) and the aggregator's state is untouched.
+                fold_error = err
+        if crafted:
             logger.warning(
                 "round %d: the server sent a crafted adapter (capture.malicious); the global "
                 "adapter stays as it was",
                 server_round,
             )
             return None, None
-        if self.central_privacy is not None and len(updates) < self.federation.min_train_clients:
+        if private is not None and accepted < self.federation.min_train_clients:
             # Under user-level DP the release must not depend on who took part: the
             # noised mean (over q N) goes out anyway, noise alone if nobody replied.
             logger.warning(
                 "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
                 "under privacy.client the noised mean is released all the same",
                 server_round,
-                len(updates),
+                accepted,
                 self.federation.min_train_clients,
             )
-        elif len(updates) < self.federation.min_train_clients:
+        elif accepted < self.federation.min_train_clients:
             logger.warning(
                 "round %d: %d usable update(s), fewer than federation.min_train_clients = %d; "
                 "the global adapter is unchanged",
                 server_round,
-                len(updates),
+                accepted,
                 self.federation.min_train_clients,
             )
             return None, None
-        # A fixed order, whatever order the replies arrived in: float sums then give the
-        # same global adapter bit for bit on every run with the same seeds.
-        updates.sort(key=lambda u: u.client_id)
-        privacy_metrics: dict[str, float] = {}
-        if self.central_privacy is not None:
+        if private is not None:
             # User-level DP: the aggregator only ever sees the noised mean, divided by the
             # expected cohort q N; each one computed is a release the ledger counts.
-            noised, privacy_metrics = noisy_mean(
-                updates, self.expected_clients, self.central_privacy, like=self._global
-            )
+            noised, privacy_metrics = private.finish()
             self.releases.append(self.federation.fraction_train)
-            updates = [noised]
-        return self.step(server_round, updates, privacy_metrics)
+            return self.step(server_round, [noised], privacy_metrics)
+        if fold_error is not None or accumulator is None:
+            return self.finish_round(server_round, _raise(fold_error or AggregationError("no round")), {})
+        return self.finish_round(server_round, accumulator.finish, {})
 
     def step(
         self, server_round: int, updates: list[ClientUpdate], extra_metrics: Mapping[str, float]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregator's step from the round's global adapter with ``updates``.
+        """The aggregator's step from the round's global adapter with ``updates`` (batch).
+
+        Secure aggregation steps with the round's one unmasked mean; see
+        :meth:`finish_round` for what is refused.
+        """
+        return self.finish_round(
+            server_round, lambda: self.aggregator.aggregate(self._global, updates), extra_metrics
+        )
+
+    def finish_round(
+        self,
+        server_round: int,
+        aggregate: Callable[[], AggregationResult],
+        extra_metrics: Mapping[str, float],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Run ``aggregate`` (a batch aggregation or a streamed round's finish) and check it.
 
         An aggregate that is not finite (or an aggregator that fails) is refused: the
         global adapter and the aggregator's state stay as they were, and the round counts
@@ -295,7 +339,7 @@ class AdapterStrategy(Strategy):
         """
         aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         try:
-            result = self.aggregator.aggregate(self._global, updates)
+            result = aggregate()
             check_aggregate(result.state, self._global)
         except Exception as err:
             # Finite deltas can still step to Inf (or break an aggregator's linear
@@ -467,6 +511,21 @@ def mean_train_loss(clients: Iterable[ClientRoundRecord]) -> float | None:
     reported = [(c.train_loss, c.num_examples) for c in clients if c.train_loss is not None]
     total = sum(n for _, n in reported)
     return sum(loss * n for loss, n in reported) / total if total else None
+
+
+def _fold_order(reply: Message) -> tuple[int, int]:
+    """Where a reply is folded in: by the client id it claims, then its node (no id: last)."""
+    client_id = _claimed_client_id(reply)
+    return (client_id if client_id is not None else MAX_CLIENT_ID + 1, reply.metadata.src_node_id)
+
+
+def _raise(error: Exception) -> Callable[[], AggregationResult]:
+    """A finish that raises ``error`` (an update the round could not fold in)."""
+
+    def finish() -> AggregationResult:
+        raise error
+
+    return finish
 
 
 def _claimed_client_id(reply: Message) -> int | None:

@@ -66,6 +66,69 @@ def poisson_sample(nodes: Sequence[int], sample_rate: float, rng: random.Random 
     return sorted(node for node in nodes if sample_rate == 1 or draw.random() < sample_rate)
 
 
+class NoisyMean:
+    """DP-FedAvg's mean, streamed: clip and sum each update as it is decoded, noise once.
+
+    Each update is clipped and folded into a float64 sum as it is decoded; the noise is
+    added once, in :meth:`finish`.
+
+    The sum is the same float64 sum of clipped updates the batch formula takes, so the
+    result equals it up to float64 rounding in any arrival order (then cast to
+    float32). Memory: the sum and one norm per update, whatever the cohort.
+
+    Args:
+        expected_clients: q N, the fixed denominator (the expected cohort).
+        config: Clipping norm and noise multiplier.
+        like: Names and shapes of the update's tensors (the global adapter): the sum
+            starts from it, so a round with no update releases noise alone.
+
+    """
+
+    def __init__(
+        self, expected_clients: float, config: ClientPrivacyConfig, like: Mapping[str, Tensor]
+    ) -> None:
+        if not (math.isfinite(expected_clients) and expected_clients > 0):
+            raise ValueError(f"expected_clients must be a positive number, got {expected_clients}")
+        self.expected_clients = expected_clients
+        self.config = config
+        # float64: a low-precision running sum would lose small updates next to large ones.
+        self.total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
+        self.norms: list[float] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Clip one update to ``clipping_norm`` and add it to the sum."""
+        norm = update_norm(update.delta)
+        for name, t in clip_update_norm(update.delta, self.config.clipping_norm).items():
+            self.total[name] += t.to(torch.float64)
+        self.norms.append(norm)
+
+    def finish(self, generator: torch.Generator | None = None) -> tuple[ClientUpdate, dict[str, float]]:
+        """The noised mean (float32 tensors; ``client_id`` -1) and its diagnostics.
+
+        Args:
+            generator: Noise source; None means fresh OS randomness.
+
+        """
+        generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
+        config, expected = self.config, self.expected_clients
+        std = config.noise_multiplier * config.clipping_norm / expected
+        mean = {
+            name: (t / expected).float() + std * torch.randn(t.shape, generator=generator)
+            for name, t in self.total.items()
+        }
+        ordered = sorted(self.norms)
+        diagnostics = {
+            "dp_clients": float(len(ordered)),
+            "dp_expected_clients": float(expected),
+            "dp_update_norm_median": ordered[len(ordered) // 2] if ordered else 0.0,
+            "dp_clipped_fraction": sum(n > config.clipping_norm for n in ordered) / len(ordered)
+            if ordered
+            else 0.0,
+            "dp_noise_std": std,
+        }
+        return ClientUpdate(client_id=-1, delta=mean, num_examples=1), diagnostics
+
+
 def noisy_mean(
     updates: Sequence[ClientUpdate],
     expected_clients: float,
@@ -73,7 +136,7 @@ def noisy_mean(
     generator: torch.Generator | None = None,
     like: Mapping[str, Tensor] | None = None,
 ) -> tuple[ClientUpdate, dict[str, float]]:
-    """The DP-FedAvg mean of ``updates`` as one update, and diagnostics.
+    """The DP-FedAvg mean of ``updates`` as one update, and diagnostics (:class:`NoisyMean` at once).
 
     Args:
         updates: The decoded client updates of the round (may be empty).
@@ -92,24 +155,7 @@ def noisy_mean(
     template = updates[0].delta if updates else like
     if template is None:
         raise ValueError("no update to average and no shapes (like) to noise")
-    generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
-    norms = [update_norm(u.delta) for u in updates]
-    # float64: a low-precision running sum would lose small updates next to large ones.
-    total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in template.items()}
+    running = NoisyMean(expected_clients, config, template)
     for update in updates:
-        for name, t in clip_update_norm(update.delta, config.clipping_norm).items():
-            total[name] += t.to(torch.float64)
-    std = config.noise_multiplier * config.clipping_norm / expected_clients
-    mean = {
-        name: (t / expected_clients).float() + std * torch.randn(t.shape, generator=generator)
-        for name, t in total.items()
-    }
-    ordered = sorted(norms)
-    diagnostics = {
-        "dp_clients": float(len(updates)),
-        "dp_expected_clients": float(expected_clients),
-        "dp_update_norm_median": ordered[len(ordered) // 2] if ordered else 0.0,
-        "dp_clipped_fraction": sum(n > config.clipping_norm for n in norms) / len(norms) if norms else 0.0,
-        "dp_noise_std": std,
-    }
-    return ClientUpdate(client_id=-1, delta=mean, num_examples=1), diagnostics
+        running.add(update)
+    return running.finish(generator)

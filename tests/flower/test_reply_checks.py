@@ -311,10 +311,11 @@ def test_an_aggregator_that_raises_refuses_the_round_with_its_exception_type(
 ) -> None:
     strategy = make_strategy(aggregator="fedavgm")
 
-    def explode(global_state, updates):
+    def explode(global_state, mean_delta):
         raise RuntimeError("linalg.svd: the algorithm failed to converge")
 
-    strategy.aggregator.aggregate = explode  # type: ignore[method-assign]
+    # FedAvgM streams: its one server step (at the round's finish) is what fails.
+    strategy.aggregator.step_on_mean = explode  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, logger="fedpeft"):
         arrays, _ = strategy.aggregate_train(1, honest_replies())
     assert arrays is None

@@ -7,17 +7,12 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedpeft.attacks.drawn_batches import save_drawn_batches
-from fedpeft.client import run_client_round
 from fedpeft.config import Config, parse_config
 from fedpeft.errors import ClientStateError, ConfigError, PrivacyBudgetExhausted
-from fedpeft.experiment import Experiment
-from fedpeft.flower.client_state import load_client_state, save_client_state
 from fedpeft.flower.fault_injection import inject_faults
 from fedpeft.flower.records import (
     DECLINED,
@@ -98,6 +93,16 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        # Imported here, not at the top: a deployed SuperNode starts a ClientApp process
+        # per message, and SecAgg+'s key stages (three of its four per round) never
+        # train; they then cost a Flower import, not torch's, peft's and the attacks'.
+        import torch
+
+        from fedpeft.attacks.drawn_batches import save_drawn_batches
+        from fedpeft.client import run_client_round
+        from fedpeft.experiment import Experiment
+        from fedpeft.flower.client_state import load_client_state, save_client_state
+
         if torch_threads is not None and torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
         started = time.monotonic()

@@ -36,7 +36,6 @@ import logging
 import math
 import os
 
-import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
@@ -102,6 +101,8 @@ class InjectedDropout(RuntimeError):
 
 def corrupt_update(record: ArrayRecord, fault: str) -> ArrayRecord:
     """A copy of ``record`` broken as ``fault`` says (see the module docstring)."""
+    import torch  # only a faulty node's training stage needs it
+
     tensors = dict(record.to_torch_state_dict())
     if fault in ("nan", "inf"):
         fill = math.nan if fault == "nan" else math.inf

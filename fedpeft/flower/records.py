@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common import serde
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not by every ClientApp start
+    from torch import Tensor
 
 GLOBAL_ADAPTER = "global-adapter"
 """ArrayRecord the server sends down: the current global adapter state."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from flwr.app import Context, Message, MessageType, MetricRecord
@@ -24,13 +24,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, bytes_to_ndarray, ndarray_to_bytes, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
-from torch import Tensor
 
-from fedpeft.aggregation._math import clip_update_norm
 from fedpeft.config import Config
+from fedpeft.flower.payload_layout import PayloadLayout
 from fedpeft.flower.records import TRAIN_METRICS
-from fedpeft.flower.secure_aggregation import PayloadLayout
-from fedpeft.privacy.distributed import SkellamShare
+
+if TYPE_CHECKING:  # imported where used: the key stages' processes need neither
+    from torch import Tensor
+
+    from fedpeft.privacy.distributed import SkellamShare
 
 
 def is_secure_round(msg: Message) -> bool:
@@ -78,6 +80,8 @@ def distributed_noise(config: Config, state: SecAggPlusState, dim: int) -> Skell
     start), a share in grid units divided by the scale is a float that Flower's
     quantiser maps back to the same integer exactly.
     """
+    from fedpeft.privacy.distributed import SkellamShare
+
     central = config.privacy.client
     return SkellamShare(
         clipping_norm=central.clipping_norm,
@@ -111,6 +115,8 @@ def secure_reply(
         values = share.astype(np.float64) / noise.scale
         weight = 1
     else:
+        from fedpeft.aggregation._math import clip_update_norm
+
         bound = config.federation.max_update_norm
         clipped = clip_update_norm(payload, bound) if bound is not None else payload
         values = layout.flatten(clipped)

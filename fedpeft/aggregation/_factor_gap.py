@@ -228,9 +228,9 @@ class RunningFactorAveragingError:
 
     def add(self, delta: Mapping[str, Tensor], weight: float) -> None:
         """Fold one update's factor deltas in (other tensors are not kept)."""
-        self.weights.append(weight)
         if self.sketch is None and (len(self.held) + 1) * self.per_update > self.exact_values:
             self._start_sketch()
+        self.weights.append(weight)
         if self.sketch is not None:
             self.sketch.add(delta, weight)
             return

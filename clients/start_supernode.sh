@@ -18,8 +18,9 @@
 # --port          local port of the SuperNode's own API (default 9094; give each
 #                 SuperNode on one machine its own)
 # --fault KINDS   fire drill: send broken updates, one kind per round in turn
-#                 (none, nan, inf, oversize, wrong-shape, crash; e.g. "nan,oversize";
-#                 see fedpeft/flower/fault_injection.py). Never in production.
+#                 (none, nan, inf, oversize, wrong-shape, crash, and under secure
+#                 aggregation secagg-drop-after-keys; e.g. "nan,oversize"; see
+#                 fedpeft/flower/fault_injection.py). Never in production.
 # Any other arguments go to flower-supernode unchanged.
 set -euo pipefail
 superlink="" ca="" key="" node_config="" state_dir="" port=9094 extra=()

@@ -463,9 +463,9 @@ def secure_train_round(
         break
     traffic = strategy.traffic
     traffic.bytes_down_by_node = dict(protocol.bytes_down)
-    survivors = [proxy.node_id for proxy, _ in cohort.results if proxy.node_id in protocol.records]  # type: ignore[attr-defined]
-    for node_id in survivors:
-        record = protocol.records[node_id]
+    # Every client whose masked vector was accepted trained (and spent any DP-SGD budget),
+    # and its vector is in the sum if one is unmasked.
+    for node_id, record in sorted(protocol.records.items()):
         traffic.clients.append(
             replace(
                 record,
@@ -473,7 +473,7 @@ def secure_train_round(
                 bytes_down=protocol.bytes_down.get(node_id, 0),
             )
         )
-    outcome.survivors = len(cohort.results)
+    outcome.survivors = len(protocol.records)
     if cohort.aggregate is None:
         outcome.failure = outcome.failure or (
             f"secure aggregation halted after stage {protocol.stages[-1] if protocol.stages else 'none'}: "

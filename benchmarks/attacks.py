@@ -19,6 +19,18 @@ scores the secrets of each batch as recovered when they appear verbatim in the a
 sentences (the PII column).
 
     python benchmarks/attacks.py --pii --batch-sizes 1,2,4 --codecs dense --out runs/bench/attacks-pii.json
+
+``--secure 2,4`` adds, next to each per-client row, the same attack on what a SecAgg+
+server holds instead: the sum of m clients' updates (m = 2, 4: the clients per round),
+scored against the union of their batches (the ``sum`` column). Each client's payload
+goes through Flower's own client arithmetic (weighted by its example count over the
+protocol's max weight, stochastically quantised onto the round's grid of
+``federation.secure_aggregation``) and the sum is unmasked and decoded as fedpeft's
+server does; only the masking, which cancels exactly, is left out. Codecs that cannot
+be summed get no secure row.
+
+    python benchmarks/attacks.py --secure 2,4 --batch-sizes 1 --codecs dense --privacy none \
+        --attacks recit --out runs/bench/attacks-secagg.json
 """
 
 from __future__ import annotations
@@ -28,13 +40,17 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np
 from _paths import repo_relative
+from flwr.common.secure_aggregation.quantization import quantize
+from torch import Tensor
 
 from fedpeft.attacks import ATTACKS, Observation, score_reconstruction
 from fedpeft.attacks.capture import malicious_adapter, threat_model_of
@@ -42,10 +58,12 @@ from fedpeft.attacks.evaluation import trained_sequences
 from fedpeft.attacks.metrics import secrets_found
 from fedpeft.attacks.pii import PiiRecord, make_pii_records, plant_pii
 from fedpeft.client import run_client_round
-from fedpeft.codecs import CodecContext
+from fedpeft.codecs import CodecContext, Payload
 from fedpeft.config import Config, load_config
 from fedpeft.data.loading import resolve_data_path
+from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
+from fedpeft.flower.secure_aggregation import PayloadLayout, ProtocolSettings
 from fedpeft.privacy import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,6 +92,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2, help="clients (batches) per row")
     parser.add_argument("--pii", action="store_true", help="plant a secret in every training text")
     parser.add_argument(
+        "--secure",
+        default="",
+        help="comma-separated m: also attack the SecAgg+ sum of m clients' updates (e.g. 2,4)",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -87,13 +110,16 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     header = (
-        f"{'batch':>5} {'privacy':<7} {'codec':<12} {'attack':<18} {'tok P':>6} {'tok R':>6} "
+        f"{'batch':>5} {'privacy':<7} {'codec':<12} {'sum':>3} {'attack':<18} {'tok P':>6} {'tok R':>6} "
         f"{'R-1':>6} {'R-2':>6} {'R-L':>6} {'PII':>6} {'s/batch':>8}"
     )
     print(header, flush=True)
     base = load_config(args.config, args.overrides)
     causal = base.model.task == "causal-lm"
     args.partitions = base.partition.num_clients
+    sums = [int(m) for m in args.secure.split(",") if m]
+    if any(m < 2 for m in sums):
+        raise SystemExit(f"--secure: a sum of fewer than 2 updates hides nothing, got {args.secure}")
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         for privacy_name in args.privacy.split(","):
             target = PRIVACY_BY_NAME[privacy_name]
@@ -103,15 +129,23 @@ def main() -> None:
                     # The no-gradient baseline, once per batch size: an LM's guess, or for
                     # a classifier (no LM head) the commonest words of public text.
                     attacks.append("lm_prior" if causal else "unigram_prior")
-                for attack_name in attacks:
-                    row = measure_row(args, batch_size, target, codec_name, attack_name)
+                # Per-client rows first, then the sums: each switch of config reloads the model.
+                for summed, attack_name in [(m, a) for m in (None, *sums) for a in attacks]:
+                    try:
+                        row = measure_row(args, batch_size, target, codec_name, attack_name, summed)
+                    except ConfigError as err:
+                        if summed is None:
+                            raise
+                        # A codec secure aggregation cannot sum: the run would refuse it too.
+                        print(f"{batch_size:>5} {privacy_name:<7} {codec_name:<12} {summed:>3} {err}")
+                        continue
                     row["privacy"] = privacy_name
                     rows.append(row)
                     print(
-                        f"{batch_size:>5} {privacy_name:<7} {codec_name:<12} {attack_name:<18} "
-                        f"{row['token_precision']:>6.3f} {row['token_recall']:>6.3f} {row['rouge1']:>6.3f} "
-                        f"{row['rouge2']:>6.3f} {row['rougeL']:>6.3f} {row['pii_recovery_rate']:>6.3f} "
-                        f"{row['seconds_per_batch']:>8.1f}",
+                        f"{batch_size:>5} {privacy_name:<7} {codec_name:<12} {summed or '-':>3} "
+                        f"{attack_name:<18} {row['token_precision']:>6.3f} {row['token_recall']:>6.3f} "
+                        f"{row['rouge1']:>6.3f} {row['rouge2']:>6.3f} {row['rougeL']:>6.3f} "
+                        f"{row['pii_recovery_rate']:>6.3f} {row['seconds_per_batch']:>8.1f}",
                         flush=True,
                     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +155,7 @@ def main() -> None:
                 "config": repo_relative(args.config),
                 "overrides": args.overrides,
                 "clients_per_row": args.clients,
+                "secure_sums": sums,
                 "pii": args.pii,
                 "rows": rows,
             },
@@ -131,9 +166,23 @@ def main() -> None:
 
 
 def measure_row(
-    args: argparse.Namespace, batch_size: int, target: float | None, codec_name: str, attack_name: str
+    args: argparse.Namespace,
+    batch_size: int,
+    target: float | None,
+    codec_name: str,
+    attack_name: str,
+    summed: int | None = None,
 ) -> dict[str, Any]:
-    """One attack on ``args.clients`` clients' updates, each made by the real client round."""
+    """One attack on ``args.clients`` clients' updates, each made by the real client round.
+
+    With ``summed`` = m, the attack runs instead on the SecAgg+ sum of each group of m
+    clients (``args.clients // m`` groups, at least one), scored against the union of
+    the group's batches (:func:`secure_sum`).
+
+    Raises:
+        ConfigError: The codec cannot run under secure aggregation.
+
+    """
     kind, options = CODECS_BY_NAME[codec_name]
     overrides = [
         *args.overrides,
@@ -143,8 +192,13 @@ def measure_row(
     ]
     if target is not None:
         overrides += ["privacy.example.enabled=true", f"privacy.example.target_epsilon={target}"]
-    if args.clients > args.partitions:  # one partition per client
-        overrides.append(f"partition.num_clients={args.clients}")
+    groups = [[c] for c in range(args.clients)]
+    if summed is not None:
+        overrides.append("federation.secure_aggregation.enabled=true")
+        groups = [list(range(g * summed, (g + 1) * summed)) for g in range(max(1, args.clients // summed))]
+    clients = sum(len(g) for g in groups)
+    if clients > args.partitions:  # one partition per client
+        overrides.append(f"partition.num_clients={clients}")
     if args.records:  # the messages are ~35 tokens before the sentence: room for both
         overrides += [f"data.train={args.planted_file}", "data.max_length=64"]
     config = load_config(args.config, overrides)
@@ -152,13 +206,14 @@ def measure_row(
     malicious = config.capture.malicious
     initial = experiment.initial_state
     sent = malicious_adapter(initial, seed=config.seed) if malicious else dict(initial)
+    examples = batch_size * len(groups[0])  # in what one observation holds
     attack_options: dict[str, Any] = {}
     if attack_name == "lm_prior":
-        attack_options = {"num_sequences": batch_size, "length": config.data.max_length}
+        attack_options = {"num_sequences": examples, "length": config.data.max_length}
     if attack_name == "unigram_prior":  # about a sentence's distinct tokens per example, from public
         # text of the same kind: the config's test split, disjoint from what the clients hold
         attack_options = {
-            "num_tokens": 12 * batch_size,
+            "num_tokens": 12 * examples,
             "reference": config.data.test,
             "text_column": config.data.text_column,
         }
@@ -166,20 +221,28 @@ def measure_row(
     totals: dict[str, float] = {}
     counts: dict[str, int] = {}
     seconds, scored, epsilon = 0.0, 0, None
-    for client_id in range(args.clients):
-        result = run_client_round(experiment, client_id, sent, 1, memory={}, ledger=PrivacyLedger())
-        epsilon = result.epsilon
-        truth = trained_sequences(experiment, client_id, 1, result.drawn_batches)
-        if not truth:  # an empty Poisson draw: nothing to recover
+    for group in groups:
+        truth: list[list[int]] = []
+        payloads, weights = [], []
+        for client_id in group:
+            result = run_client_round(experiment, client_id, sent, 1, memory={}, ledger=PrivacyLedger())
+            epsilon = result.epsilon
+            truth += trained_sequences(experiment, client_id, 1, result.drawn_batches)
+            payloads.append(result.payload)
+            weights.append(result.num_examples)
+        if not truth:  # empty Poisson draws: nothing to recover
             continue
-        decoded = experiment.codec.decode(result.payload, CodecContext(config.seed, 1, client_id), sent)
+        if summed is None:
+            decoded = experiment.codec.decode(payloads[0], CodecContext(config.seed, 1, group[0]), sent)
+        else:
+            decoded = secure_sum(experiment, payloads, weights, sent)
         observation = Observation(
             threat_model_of(config.train, malicious),
             sent,
             decoded,
             learning_rate=config.train.lr,
             local_steps=config.train.steps,
-            num_examples=result.num_examples,
+            num_examples=sum(weights),
         )
         experiment.model.model.to("cpu")  # the client round trains on a GPU where there is one
         started = time.perf_counter()
@@ -205,11 +268,47 @@ def measure_row(
         "codec": codec_name,
         "codec_options": config.federation.codec_options,
         "attack": attack_name,
+        "secure_sum_of": summed,
         "epsilon": epsilon,
-        "clients_scored": scored,
+        "clients_scored": scored if summed is None else scored * summed,
+        "observations_scored": scored,
         "seconds_per_batch": seconds / max(scored, 1),
         **means,
     }
+
+
+def secure_sum(
+    experiment: Experiment, payloads: Sequence[Payload], weights: Sequence[int], sent: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """The decoded sum a SecAgg+ server captures from these clients' payloads.
+
+    Each client does what Flower's ``secaggplus_mod`` does to its reply (fedpeft's
+    ``secure_reply`` hands it the payload weighted by the example count, at most the
+    protocol's ``max_weight``): scale by its weight ratio on the grid, then quantise
+    stochastically onto ``[-R, R]`` with Flower's own ``quantize``. The server's unmasked
+    sum is the integer sum of those (the masks cancel exactly); it is dequantised and
+    divided by the summed ratios as Flower's workflow does, giving the weighted mean,
+    which fedpeft's server decodes once with the round-wide randomness and captures
+    times the client count (``fedpeft.flower.secure_aggregation.secure_train_round``).
+    """
+    config = experiment.config
+    settings = ProtocolSettings.of(config, experiment.partitions.sizes())
+    layout = PayloadLayout.of(payloads[0])
+    levels, bound = settings.quantization_range, settings.clipping_range
+    np.random.seed(config.seed)  # Flower's stochastic rounding draws from NumPy's global generator
+    total = np.zeros(layout.size, dtype=np.int64)
+    q_total = 0
+    for payload, examples in zip(payloads, weights, strict=True):
+        weight = max(1, min(examples, int(settings.max_weight)))
+        q_ratio = round(weight / settings.max_weight * levels)
+        values = layout.flatten(payload) * (q_ratio / levels)
+        total += quantize([values], bound, levels)[0].astype(np.int64)
+        q_total += q_ratio
+    dequantised = total * (2 * bound / levels) - len(payloads) * bound
+    mean = layout.to_payload(layout.split(dequantised * (levels / q_total)))
+    context = CodecContext(config.seed, 1, 0).round_wide()
+    decoded = experiment.codec.decode(mean, context, sent)
+    return {name: value * len(payloads) for name, value in decoded.items()}
 
 
 _LATEST: dict[str, Experiment] = {}

@@ -191,12 +191,28 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/config.toml, metrics.json and adapter/")
 
 
+def _who(client_id: int, clients: tuple[int, ...]) -> str:
+    """A capture's column in the attack table: its client, or ``sum`` for a secure round's sum."""
+    from fedpeft.attacks.capture import SUM_CLIENT_ID
+
+    return "sum" if client_id == SUM_CLIENT_ID else str(client_id)
+
+
+def _who_long(client_id: int, clients: tuple[int, ...]) -> str:
+    """Whose update a capture is, in words."""
+    from fedpeft.attacks.capture import SUM_CLIENT_ID
+
+    if client_id == SUM_CLIENT_ID:
+        return "sum of clients " + "+".join(str(c) for c in clients)
+    return f"client {client_id}"
+
+
 def _attack(args: argparse.Namespace) -> None:
     import json
     from dataclasses import asdict
 
     from fedpeft.attacks import ATTACKS
-    from fedpeft.attacks.capture import load_captures
+    from fedpeft.attacks.capture import SUM_CLIENT_ID, load_captures
     from fedpeft.attacks.evaluation import attack_captures
     from fedpeft.config import load_config
     from fedpeft.errors import ConfigError
@@ -223,14 +239,15 @@ def _attack(args: argparse.Namespace) -> None:
     for o in outcomes:
         m = o.metrics
         print(
-            f"{o.server_round:>5} {o.client_id:>6} {o.threat_model:>9} {m.token_precision:>6.3f} "
+            f"{o.server_round:>5} {_who(o.client_id, o.clients):>6} {o.threat_model:>9} "
+            f"{m.token_precision:>6.3f} "
             f"{m.token_recall:>6.3f} {m.rouge1:>6.3f} {m.rouge2:>6.3f} {m.rougeL:>6.3f} "
             f"{m.exact_sequence_rate:>6.3f} {o.seconds:>6.1f}"
         )
     for o in outcomes:
         shown = list(o.reconstruction.sequences) or [o.reconstruction.token_ids]
         for true, found in list(zip(o.truth, shown, strict=False))[: config.attack.show_examples]:
-            print(f"\nround {o.server_round} client {o.client_id}")
+            print(f"\nround {o.server_round} {_who_long(o.client_id, o.clients)}")
             print(f"  true:      {tokenizer.decode(list(true), skip_special_tokens=True)}")
             print(f"  recovered: {tokenizer.decode(list(found), skip_special_tokens=True)}")
     report = {
@@ -242,6 +259,8 @@ def _attack(args: argparse.Namespace) -> None:
             {
                 "round": o.server_round,
                 "client": o.client_id,
+                "clients": list(o.clients),
+                "sum": o.client_id == SUM_CLIENT_ID,
                 "threat_model": o.threat_model,
                 "seconds": o.seconds,
                 "metrics": asdict(o.metrics),

@@ -675,6 +675,14 @@ class Config(_Section):
                 f"{prefix}: a sum hides nothing with one client; federation.min_train_clients >= 2"
             )
         shares, threshold = secure.num_shares, secure.reconstruction_threshold
+        if isinstance(shares, int) and shares >= 3 and shares % 2 == 0:
+            # Each client shares with num_shares // 2 neighbours on either side and
+            # itself; Flower 1.41 sends an even count to the clients before rounding it
+            # up, and their share-keys stage then fails (measured: every client, 50 of 50).
+            raise ValueError(
+                f"{prefix}.num_shares: an integer must be odd (the client and as many neighbours "
+                f"on either side), got {shares}; use {shares + 1}"
+            )
         if isinstance(shares, int) and shares < 3:
             raise ValueError(
                 f"{prefix}.num_shares: an integer must be >= 3 (or a fraction of the cohort), got {shares}"

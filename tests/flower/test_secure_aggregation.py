@@ -268,6 +268,9 @@ def test_client_noise_is_accounted_per_unmasked_sum_with_the_noise_that_reached_
         ({"codec": "random_mask"}, "shared = true"),
         ({"codec": "projection"}, "shared = true"),
         ({"codec": "dense", "codec_options": {"dtype": "float16"}}, "quantises the payload itself"),
+        ({"secure_aggregation": {"enabled": True, "num_shares": 16}}, "must be odd"),
+        ({"secure_aggregation": {"enabled": True, "num_shares": 2}}, ">= 3"),
+        ({"secure_aggregation": {"enabled": True, "num_shares": 5, "reconstruction_threshold": 5}}, "below"),
     ],
 )
 def test_paths_that_need_individual_updates_are_refused_at_start(config_data, federation, expected) -> None:

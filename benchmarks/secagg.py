@@ -13,9 +13,9 @@ below the cohort, a run with K shares per secret (SecAgg+'s sparse graph: each c
 masks with K - 1 neighbours) beside the default, where every client shares with all.
 
 The workload is the embedded default (MiniLM, SST-2) cut down so the whole benchmark
-fits in about 25 minutes on 2 CPU cores: an IID split of ``--examples-per-client``
-sentences per client, ``--steps`` local steps, ``--rounds`` rounds, the server's
-evaluation on ``--test-examples`` sentences. With so little training the accuracy says
+fits in about 25 minutes on 2 otherwise idle CPU cores (31 with ``--shares 15``): an
+IID split of ``--examples-per-client`` sentences per client, ``--steps`` local steps,
+``--rounds`` rounds, the server's evaluation on ``--test-examples`` sentences. With so little training the accuracy says
 little about the model; it is there to show that the two runs agree.
 
 Bytes are the message contents the server counts (metrics.json; all four SecAgg+
@@ -25,7 +25,7 @@ client actors and loads the model in each, which is reported apart. Prints a mar
 table with the secure/plain ratios, writes JSON. A run whose folder holds a complete
 run of the same config is reused, so an interrupted benchmark resumes.
 
-    python benchmarks/secagg.py --out runs/bench/secagg --json docs/figures/secagg.json
+    python benchmarks/secagg.py --shares 15 --out runs/bench/secagg --json docs/figures/secagg.json
     python benchmarks/secagg.py --clients 4 --rounds 2   # a smoke run
 """
 
@@ -108,6 +108,9 @@ def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
         "bytes_down_per_client": sum(r["bytes_down"] for r in rounds) / client_rounds,
         "seconds_per_round": statistics.mean(r["seconds"] for r in steady),
         "round_seconds": [r["seconds"] for r in rounds],
+        # The clients' own training time, summed: the same work in every run of a client
+        # count, so a run that shared the CPUs with other jobs shows here.
+        "client_train_seconds": [sum(c["train_seconds"] for c in r["per_client"]) for r in rounds],
         "first_round_seconds": rounds[0]["seconds"],
         "accuracy": last["accuracy"],
         "loss": last["loss"],
@@ -254,6 +257,9 @@ def main() -> None:
             "batch_size": args.batch_size,
             "rounds": args.rounds,
             "test_examples": args.test_examples,
+            "clients": counts,
+            "shares": args.shares,
+            "dp_clients": args.dp_clients,
             "partition": "iid",
             "codec": "dense float32",
             "aggregator": "fedavg",

@@ -120,22 +120,55 @@ def malicious_adapter(state: Mapping[str, Tensor], seed: int) -> AdapterState:
 
 def save_capture(folder: str | Path, captured: CapturedUpdate) -> Path:
     """Write ``captured`` as ``round-RRRR-client-CCCC.safetensors`` in ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     observation = captured.observation
-    tensors = {f"global/{k}": v.contiguous() for k, v in observation.global_state.items()}
-    tensors |= {f"update/{k}": v.contiguous() for k, v in observation.update.items()}
+    path = Path(folder) / f"round-{captured.server_round:04d}-client-{captured.client_id:04d}.safetensors"
     metadata = {
         "threat_model": observation.threat_model,
         "learning_rate": repr(observation.learning_rate),
         "local_steps": str(observation.local_steps),
         "num_examples": str(observation.num_examples),
     }
-    path = folder / f"round-{captured.server_round:04d}-client-{captured.client_id:04d}.safetensors"
+    return _write_capture(path, observation.global_state, "update", observation.update, metadata)
+
+
+def _write_capture(
+    path: Path,
+    global_state: Mapping[str, Tensor],
+    kind: str,
+    update: Mapping[str, Tensor],
+    metadata: dict[str, str],
+) -> Path:
+    """Write ``global/<name>`` and ``<kind>/<name>`` tensors with ``metadata``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"global/{k}": v.contiguous() for k, v in global_state.items()}
+    tensors |= {f"{kind}/{k}": v.contiguous() for k, v in update.items()}
     partial = path.with_suffix(".partial")
     save_file(tensors, str(partial), metadata=metadata)
     partial.replace(path)
     return path
+
+
+def _read_observation(
+    path: Path, kind: str, num_examples: Callable[[Mapping[str, str]], int], what: str
+) -> Observation:
+    """The observation in a capture file written by :func:`_write_capture`."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    tensors = load_file(str(path))
+    prefix = f"{kind}/"
+    try:
+        return Observation(
+            threat_model=metadata["threat_model"],  # type: ignore[arg-type]
+            global_state={
+                k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")
+            },
+            update={k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+            learning_rate=float(metadata["learning_rate"]),
+            local_steps=int(metadata["local_steps"]),
+            num_examples=num_examples(metadata),
+        )
+    except (KeyError, ValueError) as err:
+        raise AttackError(f"{path}: not a {what} fedpeft wrote ({err})") from None
 
 
 def sum_capture_path(folder: str | Path, server_round: int) -> Path:
@@ -220,21 +253,9 @@ def _load_sum(path: Path, server_round: int, metrics: Path) -> CapturedUpdate:
             f"{path} sums {count} updates, but {metrics} names {len(clients)} client(s) in round "
             f"{server_round}: {[c for c, _ in clients]}"
         )
-    tensors = load_file(str(path))
-    try:
-        observation = Observation(
-            threat_model=metadata["threat_model"],  # type: ignore[arg-type]
-            global_state={
-                k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")
-            },
-            update={k.removeprefix("sum/"): v for k, v in tensors.items() if k.startswith("sum/")},
-            learning_rate=float(metadata["learning_rate"]),
-            local_steps=int(metadata["local_steps"]),
-            # What the server knows: the example counts the clients reported.
-            num_examples=sum(n for _, n in clients),
-        )
-    except (KeyError, ValueError) as err:
-        raise AttackError(f"{path}: not a sum capture fedpeft wrote ({err})") from None
+    # What the server knows: the example counts the clients reported.
+    reported = sum(n for _, n in clients)
+    observation = _read_observation(path, "sum", lambda _: reported, "sum capture")
     summed = tuple(
         Contribution(client, load_drawn_batches(path.parent, server_round, client)) for client, _ in clients
     )
@@ -243,22 +264,7 @@ def _load_sum(path: Path, server_round: int, metrics: Path) -> CapturedUpdate:
 
 def _load_one(path: Path, server_round: int, client_id: int) -> CapturedUpdate:
     drawn = load_drawn_batches(path.parent, server_round, client_id)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    tensors = load_file(str(path))
-    try:
-        observation = Observation(
-            threat_model=metadata["threat_model"],  # type: ignore[arg-type]
-            global_state={
-                k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")
-            },
-            update={k.removeprefix("update/"): v for k, v in tensors.items() if k.startswith("update/")},
-            learning_rate=float(metadata["learning_rate"]),
-            local_steps=int(metadata["local_steps"]),
-            num_examples=int(metadata["num_examples"]),
-        )
-    except (KeyError, ValueError) as err:
-        raise AttackError(f"{path}: not a capture fedpeft wrote ({err})") from None
+    observation = _read_observation(path, "update", lambda m: int(m["num_examples"]), "capture")
     return CapturedUpdate(server_round, client_id, observation, drawn)
 
 
@@ -324,17 +330,12 @@ class CapturePlan:
         clients: int,
     ) -> Path:
         """Write a secure round's decoded sum of ``clients`` updates (see :func:`sum_capture_path`)."""
-        path = sum_capture_path(self.folder, server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"global/{k}": v.contiguous() for k, v in global_state.items()}
-        tensors |= {f"sum/{k}": v.contiguous() for k, v in total.items()}
         metadata = {
             "threat_model": self.threat_model,
             "learning_rate": repr(self.learning_rates[server_round]),
             "local_steps": str(self.local_steps),
             "clients": str(clients),
         }
-        partial = path.with_suffix(".partial")
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)
-        return path
+        return _write_capture(
+            sum_capture_path(self.folder, server_round), global_state, "sum", total, metadata
+        )

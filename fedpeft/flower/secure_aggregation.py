@@ -174,7 +174,6 @@ class _RoundCohort(LegacyStrategy):
 
     def __init__(self, node_ids: Sequence[int], grid: Grid, run_id: int) -> None:
         self.proxies = [GridClientProxy(node_id, grid, run_id) for node_id in node_ids]
-        self.results: list[tuple[ClientProxy, FitRes]] = []
         self.aggregate: list[np.ndarray] | None = None
 
     def configure_fit(
@@ -190,7 +189,6 @@ class _RoundCohort(LegacyStrategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Keep the unmasked aggregate (every result carries the same one)."""
-        self.results = list(results)
         if results:
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}

@@ -154,7 +154,10 @@ class TrainConfig(_Section):
     lr: float = Field(default=3e-3, gt=0)
     """Local learning rate (a new optimiser each round)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    """``adamw``, or ``sgd`` (plain, no momentum)."""
+    """``adamw``, or ``sgd`` (with ``momentum``)."""
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    """Heavy-ball momentum of ``sgd`` (0: plain SGD). Under DP-SGD it averages the
+    noise of successive steps; Adam instead rescales every coordinate by its noise."""
     weight_decay: float = Field(default=0.0, ge=0)
     """Weight decay of the local optimiser."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"

@@ -119,9 +119,11 @@ def local_batches(loader: DataLoader, epochs: int, steps: int, accumulation: int
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the default) or plain SGD over ``params``, fresh each round."""
+    """AdamW (the default) or SGD (with ``train.momentum``) over ``params``, fresh each round."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 

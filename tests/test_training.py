@@ -6,7 +6,7 @@ import torch
 
 from fedpeft.config import ModelConfig, TrainConfig, parse_config
 from fedpeft.models import adapter_state, build_model, load_adapter_state
-from fedpeft.training import evaluate, make_loader, resolve_device, tokenize, train_local
+from fedpeft.training import evaluate, make_loader, make_optimizer, resolve_device, tokenize, train_local
 from tests.conftest import make_sentiment_rows
 
 
@@ -115,3 +115,18 @@ def test_device_auto_is_cpu_without_cuda() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
     assert ModelConfig().dtype == "float32"
+
+
+def test_sgd_momentum_accumulates_past_gradients() -> None:
+    """``train.momentum`` is heavy-ball SGD: the second step with a zero gradient still
+    moves by momentum x the first; plain SGD (the default) does not move."""
+    moved = {}
+    for momentum in (0.0, 0.9):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        optimizer = make_optimizer([weight], TrainConfig(optimizer="sgd", lr=1.0, momentum=momentum))
+        for gradient in (1.0, 0.0):
+            weight.grad = torch.tensor([gradient])
+            optimizer.step()
+        moved[momentum] = float(weight)
+    assert moved[0.0] == pytest.approx(-1.0)
+    assert moved[0.9] == pytest.approx(-1.9)

@@ -20,7 +20,11 @@ Poisson batch is split into physical batches by Opacus' ``BatchSplittingSampler`
 sampler inside its ``BatchMemoryManager``), which tells the optimiser to only clip and
 sum until the last one; the noise, the division by the expected batch and the
 optimiser step happen once per Poisson batch. DP training wants large batches (noise
-per coordinate falls as 1/batch): with this a client can use thousands.
+per coordinate falls as 1/batch): with this a client can use thousands. The batch is
+sorted by length before it is split, so that each physical batch pads to its own
+longest example rather than the batch's: which example goes into which pass changes
+nothing but the padding (the clipped sum is the same), and on short texts it is about
+3x faster (SST-2: 13 tokens on average, 62 at most).
 
 The Opacus + peft trap ("No activations detected for Linear" at the first backward,
 in both modes): ``from_pretrained`` returns the model in eval mode and
@@ -41,7 +45,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import datasets
@@ -236,6 +240,7 @@ def train_local_private(
         num_training_steps=steps,
     )
     index_batches = poisson_batches(num_examples, sample_rate, steps) if batches is None else batches
+    lengths = example_lengths(dataset)
     loss_sum, loss_count, done, seen = 0.0, 0, 0, 0
     drawn: list[tuple[int, ...]] = []
     with warnings.catch_warnings():
@@ -249,7 +254,7 @@ def train_local_private(
                 optimizer.zero_grad(set_to_none=True)
                 if not indices:
                     _noise_only_step(optimizer, params)
-                for chunk in physical_batches(indices, physical, optimizer):
+                for chunk in physical_batches(indices, physical, optimizer, lengths):
                     optimizer.zero_grad(set_to_none=True)  # keeps the sum of a skipped step
                     batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
                     labels = batch.pop("labels")
@@ -274,9 +279,17 @@ def train_local_private(
     return result, PrivateRound(noise_multiplier, sample_rate, done, mode)
 
 
-def physical_batches(indices: list[int], max_size: int | None, optimizer: DPOptimizer) -> Iterator[list[int]]:
-    """One Poisson batch as physical batches of at most ``max_size`` (None: one), in order.
+def example_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Tokens per example: what a physical batch pads to."""
+    return [len(ids) for ids in dataset["input_ids"]]
 
+
+def physical_batches(
+    indices: list[int], max_size: int | None, optimizer: DPOptimizer, lengths: Sequence[int] | None = None
+) -> Iterator[list[int]]:
+    """One Poisson batch as physical batches of at most ``max_size`` (None: one).
+
+    Sorted by ``lengths`` first (when given), so that similar lengths share a pass.
     Opacus' ``BatchSplittingSampler`` does the split and signals ``optimizer`` to skip
     the noise and the step for every chunk but the last. An empty batch yields nothing
     (its noise-only step is the caller's).
@@ -285,6 +298,8 @@ def physical_batches(indices: list[int], max_size: int | None, optimizer: DPOpti
         return iter(())
     if max_size is None or len(indices) <= max_size:
         return iter((indices,))
+    if lengths is not None:
+        indices = sorted(indices, key=lengths.__getitem__)
     return iter(BatchSplittingSampler(sampler=[indices], max_batch_size=max_size, optimizer=optimizer))  # type: ignore[arg-type]
 
 

@@ -83,3 +83,28 @@ def test_logical_batches_match_one_physical_batch(
         # One noising per Poisson batch, of the same std, divided by the expected batch.
         assert split[1] == whole[1] and len(whole[1]) == 2 and all(b == 8 for _, b in whole[1])
         assert split[3] == whole[3] and (whole[3].sample_rate, whole[3].steps) == (8 / 12, 2)
+
+
+def test_physical_batches_group_similar_lengths() -> None:
+    """A split Poisson batch is sorted by length first: every example once, and each
+    pass pads to a length close to its own examples' rather than the batch's longest."""
+    lengths = [30, 2, 29, 3, 28, 4, 27, 5]
+    indices = list(range(len(lengths)))
+
+    class Optimizer:  # what BatchSplittingSampler signals: skip the noise and step until the last
+        def __init__(self) -> None:
+            self.signal_skip_step_calls: list[bool] = []
+
+        def signal_skip_step(self, do_skip: bool = True) -> None:
+            self.signal_skip_step_calls.append(do_skip)
+
+    optimizer = Optimizer()
+    chunks = list(dp_sgd.physical_batches(indices, 4, optimizer, lengths))  # type: ignore[arg-type]
+    assert sorted(i for chunk in chunks for i in chunk) == indices
+    padded = sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
+    unsorted = sum(4 * max(lengths[i] for i in indices[k : k + 4]) for k in (0, 4))
+    assert [sorted(lengths[i] for i in chunk) for chunk in chunks] == [[2, 3, 4, 5], [27, 28, 29, 30]]
+    assert padded == 4 * 5 + 4 * 30 < unsorted == 4 * 30 + 4 * 28
+    assert optimizer.signal_skip_step_calls == [True, False]
+    # Unsplit batches keep their order (nothing to pad differently).
+    assert list(dp_sgd.physical_batches(indices, None, optimizer, lengths)) == [indices]  # type: ignore[arg-type]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import datasets
@@ -240,7 +240,6 @@ def train_local_private(
         num_training_steps=steps,
     )
     index_batches = poisson_batches(num_examples, sample_rate, steps) if batches is None else batches
-    lengths = example_lengths(dataset)
     loss_sum, loss_count, done, seen = 0.0, 0, 0, 0
     drawn: list[tuple[int, ...]] = []
     with warnings.catch_warnings():
@@ -254,6 +253,7 @@ def train_local_private(
                 optimizer.zero_grad(set_to_none=True)
                 if not indices:
                     _noise_only_step(optimizer, params)
+                lengths = batch_lengths(dataset, indices) if physical and len(indices) > physical else None
                 for chunk in physical_batches(indices, physical, optimizer, lengths):
                     optimizer.zero_grad(set_to_none=True)  # keeps the sum of a skipped step
                     batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
@@ -279,13 +279,17 @@ def train_local_private(
     return result, PrivateRound(noise_multiplier, sample_rate, done, mode)
 
 
-def example_lengths(dataset: datasets.Dataset) -> list[int]:
-    """Tokens per example: what a physical batch pads to."""
-    return [len(ids) for ids in dataset["input_ids"]]
+def batch_lengths(dataset: datasets.Dataset, indices: list[int]) -> dict[int, int]:
+    """Tokens of each example of one batch (what its physical batch pads to).
+
+    Read per batch: the whole column of a large LLM dataset would be millions of
+    Python ints every round.
+    """
+    return dict(zip(indices, map(len, dataset[indices]["input_ids"]), strict=True))
 
 
 def physical_batches(
-    indices: list[int], max_size: int | None, optimizer: DPOptimizer, lengths: Sequence[int] | None = None
+    indices: list[int], max_size: int | None, optimizer: DPOptimizer, lengths: Mapping[int, int] | None = None
 ) -> Iterator[list[int]]:
     """One Poisson batch as physical batches of at most ``max_size`` (None: one).
 

@@ -88,8 +88,8 @@ def test_logical_batches_match_one_physical_batch(
 def test_physical_batches_group_similar_lengths() -> None:
     """A split Poisson batch is sorted by length first: every example once, and each
     pass pads to a length close to its own examples' rather than the batch's longest."""
-    lengths = [30, 2, 29, 3, 28, 4, 27, 5]
-    indices = list(range(len(lengths)))
+    lengths = dict(enumerate([30, 2, 29, 3, 28, 4, 27, 5]))
+    indices = list(lengths)
 
     class Optimizer:  # what BatchSplittingSampler signals: skip the noise and step until the last
         def __init__(self) -> None:

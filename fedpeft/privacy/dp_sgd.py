@@ -253,10 +253,11 @@ def train_local_private(
                 optimizer.zero_grad(set_to_none=True)
                 if not indices:
                     _noise_only_step(optimizer, params)
-                lengths = batch_lengths(dataset, indices) if physical and len(indices) > physical else None
+                examples = {i: dataset[i] for i in indices}  # each read once, for lengths and batches
+                lengths = {i: len(example["input_ids"]) for i, example in examples.items()}
                 for chunk in physical_batches(indices, physical, optimizer, lengths):
                     optimizer.zero_grad(set_to_none=True)  # keeps the sum of a skipped step
-                    batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
+                    batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk]).items()}
                     labels = batch.pop("labels")
                     losses = per_example_loss(private_model(**batch).logits, labels, task)
                     if mode == "ghost":
@@ -277,15 +278,6 @@ def train_local_private(
         examples_seen=seen, steps=done, mean_loss=loss_sum / max(loss_count, 1), drawn_batches=tuple(drawn)
     )
     return result, PrivateRound(noise_multiplier, sample_rate, done, mode)
-
-
-def batch_lengths(dataset: datasets.Dataset, indices: list[int]) -> dict[int, int]:
-    """Tokens of each example of one batch (what its physical batch pads to).
-
-    Read per batch: the whole column of a large LLM dataset would be millions of
-    Python ints every round.
-    """
-    return dict(zip(indices, map(len, dataset[indices]["input_ids"]), strict=True))
 
 
 def physical_batches(

@@ -155,13 +155,18 @@ def drop_node_after_keys(node: int, server_round: int) -> Tamper:
 
 
 def test_the_server_gets_fedavg_of_the_clients_updates_to_quantisation_error(config_data, tmp_path) -> None:
+    # One round: from round 2 on the clients train from the rounded model, and training
+    # amplifies a one-step difference by an amount no bound here could state (CI saw 6
+    # steps after two rounds), so only the first round's mean is checked to the grid.
+    config_data["federation"]["rounds"] = 1
     secure = run(config_data, tmp_path / "secure")
     reference = run(plain(config_data), tmp_path / "plain")
     # Equal partitions: FedAvg's weights are equal, and the secure mean is exact up to
-    # Flower's stochastic rounding, one step of 2 R / 2**bits per coordinate per round.
+    # Flower's stochastic rounding: each client's coordinate moves by less than one step
+    # of 2 R / 2**bits, so their mean does too (plus float32 rounding of the sum).
     step = 2 * 1.0 / 2**24
     gap = max_gap(adapter(tmp_path / "secure"), adapter(tmp_path / "plain"))
-    assert gap <= 2 * 2 * step
+    assert gap <= step + 1e-8
     assert gap > 0  # it did go through the quantiser
     for round_record in secure["rounds"]:
         assert round_record["clients"] == 4

@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft simulate | deploy | attack | audit | report | validate``."""
+"""Command line: ``fedpeft simulate | deploy | attack | audit | report | generate | validate``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--out", type=Path, default=Path("report"), help="folder to write report.html into (default: report)"
     )
+
+    generate = commands.add_parser(
+        "generate",
+        help="answer prompts with a run's causal LM and adapter",
+        description="Loads the base model the run trained (its config.toml) with its final adapter "
+        "(RUN/adapter) and answers each prompt greedily, rendered as the run trained (the chat "
+        "template or the plain template, with the run's system prompt).",
+    )
+    generate.add_argument("--run", type=Path, required=True, help="run folder (config.toml and adapter/)")
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    prompts.add_argument("--file", type=Path, help="a text file with one prompt per line")
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's setting")
 
     validate = commands.add_parser(
         "validate",
@@ -325,6 +338,47 @@ def _report(args: argparse.Namespace) -> None:
     )
 
 
+def _generate(args: argparse.Namespace) -> None:
+    import json
+
+    from fedpeft.config import load_config
+    from fedpeft.errors import ConfigError, DataError
+    from fedpeft.generation import generate
+    from fedpeft.models import load_adapter
+    from fedpeft.training import resolve_device
+
+    config_path, adapter = args.run / "config.toml", args.run / "adapter"
+    if not config_path.is_file() or not adapter.is_dir():
+        raise DataError(f"--run {args.run}: not a finished run folder (needs config.toml and adapter/)")
+    config = load_config(config_path)
+    if config.model.task != "causal-lm":
+        raise ConfigError(f"--run {args.run}: model.task is {config.model.task!r}, not a causal LM")
+    if args.file is not None:
+        if not args.file.is_file():
+            raise DataError(f"--file: file not found: {args.file}")
+        texts = [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = args.prompt
+    if not texts:
+        raise DataError("no prompt given (--prompt TEXT, or --file with one prompt per line)")
+    instruction = config.data.instruction
+    system = [{"role": "system", "content": instruction.system_prompt}] if instruction.system_prompt else []
+    chats = [[*system, {"role": "user", "content": text}] for text in texts]
+    loaded = load_adapter(adapter, config.model)
+    device = resolve_device(config.train.device)
+    answers = generate(
+        loaded.model,
+        loaded.tokenizer,
+        chats,
+        instruction,
+        device,
+        args.max_new_tokens or instruction.max_new_tokens,
+        progress=lambda done, total: print(f"answered {done}/{total}", file=sys.stderr),
+    )
+    for text, answer in zip(texts, answers, strict=True):
+        print(json.dumps({"prompt": text, "generated": answer}) if args.file else answer)
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from fedpeft.flower.deployment import deploy
 
@@ -392,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "attack": _attack,
         "audit": _audit,
         "report": _report,
+        "generate": _generate,
         "validate": _validate,
     }
     try:

@@ -81,6 +81,84 @@ class AdapterConfig(_Section):
         return dict(self.model_extra or {})
 
 
+INSTRUCTION_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "dolly": ("instruction", "context", "response"),
+    "qa": ("question", "answer"),
+    "messages": ("messages",),
+}
+"""The source columns each instruction format reads, by role (``input`` and ``context``
+may be missing or empty in a row); ``data.instruction.columns`` renames them."""
+
+
+class InstructionConfig(_Section):
+    """Instruction tuning: each row becomes a chat; the loss covers its last turn only.
+
+    The last turn is the response (the assistant's).
+    Formats: ``alpaca`` (instruction, optional input, output), ``dolly`` (instruction,
+    optional context, response), ``qa`` (question, answer; GSM8K), ``messages`` (a list of
+    ``{role, content}`` turns ending with the assistant's), or ``template`` (a prompt and a
+    response written as Python format strings over the row's columns, e.g. a
+    classification set posed as a question answered by a label word).
+    """
+
+    format: Literal["none", "alpaca", "dolly", "qa", "messages", "template"] = "none"
+    """``alpaca``, ``dolly``, ``qa``, ``messages`` or ``template``; ``none``: plain text
+    (``data.text_column``, and labels for classification)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Source column of each role when the data names it otherwise, e.g.
+    ``{instruction = "prompt", output = "completion"}`` (roles as in the format's docs)."""
+    prompt_template: str = ""
+    """``template`` only: the user turn, a format string over columns (``"Review: {sentence}"``)."""
+    response_template: str = ""
+    """``template`` only: the response, a format string over columns (``"{label}"``)."""
+    value_words: dict[str, dict[str, str]] = Field(default_factory=dict)
+    """``template`` only: words for a column's raw values, e.g.
+    ``{label = {"0" = "negative", "1" = "positive"}}``."""
+    system_prompt: str = ""
+    """A system turn put before every prompt; empty: none (a chat template may add its own)."""
+    prompt_style: Literal["auto", "chat", "plain"] = "auto"
+    """``chat``: the tokenizer's chat template; ``plain``: fedpeft's ``### Instruction:`` /
+    ``### Response:`` template (with the EOS token after each response); ``auto``: chat
+    when the tokenizer has a template."""
+    scorer: Literal["auto", "exact_match", "label", "rouge_l", "none"] = "auto"
+    """How generated answers are scored each round: ``exact_match`` (the final answer,
+    after ``####`` in GSM8K), ``label`` (starts with the label word), ``rouge_l``;
+    ``auto``: ``label`` with ``value_words``, else ``rouge_l``; ``none``: no generation."""
+    generation_examples: int = Field(default=64, ge=0)
+    """Test examples the server answers by greedy generation and scores each round (the
+    first ones of the test split; 0: none). Loss and token accuracy cover all of them."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Longest generated answer, in tokens."""
+    packing: bool = False
+    """Join consecutive whole examples into sequences of up to ``data.max_length`` tokens
+    (fewer padded tokens); refused with ``privacy.example``, whose unit is one row."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether rows are instructions (any format but ``none``)."""
+        return self.format != "none"
+
+    @model_validator(mode="after")
+    def _fits_format(self) -> InstructionConfig:
+        if self.format == "template":
+            if not self.prompt_template or not self.response_template:
+                raise ValueError("format 'template' needs prompt_template and response_template")
+            if self.columns:
+                raise ValueError("columns renames a preset format's roles; a template names columns itself")
+            return self
+        if self.prompt_template or self.response_template or self.value_words:
+            raise ValueError("prompt_template, response_template and value_words are for format 'template'")
+        roles = INSTRUCTION_FIELDS.get(self.format, ())
+        unknown = sorted(set(self.columns) - set(roles))
+        if unknown:
+            raise ValueError(
+                f"columns: {unknown} are not roles of format {self.format!r} "
+                f"(roles: {', '.join(roles) or 'none'})"
+            )
+        return self
+
+
 class DataConfig(_Section):
     """Where the text comes from and how it is read.
 
@@ -110,6 +188,8 @@ class DataConfig(_Section):
     """Cap on the training split; unset: all of it."""
     max_test_examples: int | None = Field(default=None, gt=0)
     """Cap on the test split; unset: all of it."""
+    instruction: InstructionConfig = Field(default_factory=InstructionConfig)
+    """Read rows as instructions and responses (``[data.instruction]``); off by default."""
 
     @model_validator(mode="after")
     def _empty_label_means_none(self) -> DataConfig:
@@ -123,13 +203,15 @@ class PartitionConfig(_Section):
     """How the training split is divided among clients (deterministic under ``seed``)."""
 
     scheme: Literal["iid", "dirichlet", "column"] = "dirichlet"
-    """``iid``, ``dirichlet`` (label skew) or ``column`` (one client per value of ``column``)."""
+    """``iid``, ``dirichlet`` (skew over labels, or over ``column``) or ``column`` (one
+    client per value of ``column``)."""
     num_clients: int = Field(default=10, gt=0)
     """Clients (virtual SuperNodes in simulation)."""
     alpha: float = Field(default=0.5, gt=0)
     """Dirichlet concentration: smaller is more skewed."""
     column: str | None = None
-    """The column ``scheme = "column"`` splits by."""
+    """The column ``scheme = "column"`` splits by; with ``dirichlet``, the column whose
+    values are skewed instead of the label (e.g. an instruction set's category)."""
     min_partition_size: int = Field(default=2, ge=1)
     """Resample the Dirichlet split until every client has this many examples."""
 
@@ -619,6 +701,25 @@ class Config(_Section):
             raise ValueError(
                 "privacy.example does not support slora's sparse stage (no per-example gradients)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _instruction_fits(self) -> Config:
+        instruction = self.data.instruction
+        if not instruction.enabled:
+            return self
+        if self.model.task != "causal-lm":
+            raise ValueError(
+                f"data.instruction: instruction tuning trains a causal LM; set model.task = "
+                f"'causal-lm' (got {self.model.task!r})"
+            )
+        if instruction.packing and self.privacy.example.enabled:
+            raise ValueError(
+                "data.instruction.packing joins several examples into one row, but "
+                "privacy.example protects one row; turn packing off"
+            )
+        if self.audit.enabled:
+            raise ValueError("audit: instruction data cannot be audited yet (its canaries are plain text)")
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,7 @@ from fedpeft.audit.plan import AuditPlan
 from fedpeft.codecs import CODECS, UpdateCodec
 from fedpeft.config import Config, TrainConfig, check_example_delta
 from fedpeft.data import Partitions, TextData, load_text_data, partition_dataset
+from fedpeft.data.chat_tokens import TokenizationReport, tokenize_chats
 from fedpeft.errors import ConfigError
 from fedpeft.models import AdapterState, LoadedModel, adapter_state, build_model
 from fedpeft.privacy.dp_sgd import sample_rate_of, steps_per_round
@@ -52,7 +53,7 @@ class Experiment:
     @cached_property
     def data(self) -> TextData:
         """Train and test splits in the common shape."""
-        keep = [self.config.partition.column] if self.config.partition.scheme == "column" else []
+        keep = [self.config.partition.column] if self.config.partition.scheme != "iid" else []
         return load_text_data(self.config.data, keep_columns=[c for c in keep if c])
 
     @cached_property
@@ -199,6 +200,15 @@ class Experiment:
                 ) from None
         return plan
 
+    @cached_property
+    def instruction_report(self) -> TokenizationReport | None:
+        """How the training split's chats fit ``data.max_length`` (None for plain text)."""
+        instruction = self.config.data.instruction
+        if not instruction.enabled:
+            return None
+        tokenizer, max_length = self.model.tokenizer, self.config.data.max_length
+        return tokenize_chats(self.data.train, tokenizer, max_length, instruction)[1]
+
     def tokenized_partition(self, client_id: int) -> datasets.Dataset:
         """The client's training examples, tokenized (cached)."""
         return self._tokenized_partition(client_id)
@@ -210,6 +220,7 @@ class Experiment:
                 self.model.tokenizer,
                 self.config.data.max_length,
                 self.config.model.task,
+                self.config.data.instruction,
             )
         return self._tokenized[client_id]
 
@@ -230,8 +241,14 @@ class Experiment:
     @cached_property
     def test_loader(self) -> DataLoader:
         """Batches of the test split, in order."""
+        # Evaluated example by example: never packed.
+        instruction = self.config.data.instruction.model_copy(update={"packing": False})
         encoded = tokenize(
-            self.data.test, self.model.tokenizer, self.config.data.max_length, self.config.model.task
+            self.data.test,
+            self.model.tokenizer,
+            self.config.data.max_length,
+            self.config.model.task,
+            instruction,
         )
         return make_loader(
             encoded,

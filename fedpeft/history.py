@@ -49,6 +49,9 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     per_client: list[ClientRoundRecord] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)
+    generation: dict[str, float] = field(default_factory=dict)
+    """Instruction tuning: the mean score of greedy answers to the first test examples,
+    under the scorer's name (``label``, ``exact_match``, ``rouge_l``), and ``examples``."""
     privacy: dict[str, float] = field(default_factory=dict)
     """Epsilon spent so far, from the run's privacy ledger: ``epsilon_example`` (max over
     clients) with ``delta_example``, ``epsilon_client`` with ``delta_client``."""
@@ -59,7 +62,8 @@ class RunHistory:
     """Everything ``metrics.json`` holds."""
 
     meta: dict[str, Any]
-    initial: dict[str, float]
+    initial: dict[str, Any]
+    """Round 0: ``accuracy`` and ``loss`` (and ``generation``, as in a round's record)."""
     rounds: list[RoundRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,12 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import (
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
     get_scheduler,
 )
 
-from fedpeft.config import Task, TrainConfig
+from fedpeft.config import InstructionConfig, Task, TrainConfig
+from fedpeft.data.chat_tokens import IGNORE_INDEX, tokenize_chats
+from fedpeft.data.instructions import MESSAGES
 from fedpeft.data.loading import LABEL, TEXT
 
 
@@ -55,9 +58,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def tokenize(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, task: Task
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    task: Task,
+    instruction: InstructionConfig | None = None,
 ) -> datasets.Dataset:
-    """Token ids (unpadded; batches are padded dynamically) plus labels for classification."""
+    """Token ids (unpadded; batches are padded dynamically) plus labels for classification.
+
+    Chats (instruction data, with ``instruction`` given) get labels too: -100 on the
+    prompt, so that the loss is the response's (:mod:`fedpeft.data.chat_tokens`).
+    """
+    if MESSAGES in dataset.column_names and instruction is not None and instruction.enabled:
+        return tokenize_chats(dataset, tokenizer, max_length, instruction)[0]
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         return dict(tokenizer(batch[TEXT], truncation=True, max_length=max_length))
@@ -74,7 +87,26 @@ def make_collator(tokenizer: PreTrainedTokenizerBase, task: Task) -> Callable[[l
     """Pads a list of tokenized examples into a batch (LM labels: padding set to -100)."""
     if task == "sequence-classification":
         return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return CausalLMCollator(tokenizer)
+
+
+class CausalLMCollator:
+    """Pads causal-LM examples; labels that examples bring are kept.
+
+    Instruction data comes with labels (-100 on the prompt): they are padded with -100
+    (transformers' ``DataCollatorForSeq2Seq``). Plain text has none: every non-padding
+    token becomes a target (``DataCollatorForLanguageModeling``).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._given_labels = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        self._text = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def __call__(self, features: list[dict]) -> dict:
+        """One padded batch of tensors."""
+        if features and "labels" in features[0]:
+            return dict(self._given_labels(features))
+        return dict(self._text(features))
 
 
 def make_loader(

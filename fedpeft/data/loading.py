@@ -2,8 +2,9 @@
 
 Whatever the source, the result is a pair of ``datasets.Dataset`` with a ``text``
 column and, for classification, an integer ``label`` column (class names are kept in
-:attr:`TextData.label_names`). Extra columns survive only when asked for (a column to
-partition by).
+:attr:`TextData.label_names`). Instruction data (``[data.instruction]``) has a
+``messages`` column of chats instead of labels (:mod:`fedpeft.data.instructions`). Extra
+columns survive only when asked for (a column to partition by).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import datasets
 
 from fedpeft.config import DataConfig
+from fedpeft.data.instructions import MESSAGES, plain_text, source_columns, to_chats
 from fedpeft.errors import DataError
 
 TEXT = "text"
@@ -57,6 +59,8 @@ def load_text_data(config: DataConfig, keep_columns: Sequence[str] = ()) -> Text
         keep_columns: Extra source columns to keep (e.g. the partition column).
 
     """
+    if config.instruction.enabled:
+        return _load_instruction_data(config, keep_columns)
     wanted = [config.text_column, *([config.label_column] if config.label_column else [])]
     train_rows = _read_split(config, config.train, config.train_split, "data.train", [*wanted, *keep_columns])
     test_rows = _read_split(config, config.test, config.test_split, "data.test", wanted)
@@ -71,6 +75,26 @@ def load_text_data(config: DataConfig, keep_columns: Sequence[str] = ()) -> Text
     train = _to_common_shape(train_rows, config, label_names, keep_columns, "data.train")
     test = _to_common_shape(test_rows, config, label_names, (), "data.test")
     return TextData(train=train, test=test, label_names=label_names)
+
+
+def _load_instruction_data(config: DataConfig, keep_columns: Sequence[str]) -> TextData:
+    """Both splits as chats (``messages``) plus their plain rendering (``text``)."""
+    required, _ = source_columns(config.instruction)
+    splits = []
+    for location, split, key, keep in (
+        (config.train, config.train_split, "data.train", keep_columns),
+        (config.test, config.test_split, "data.test", ()),
+    ):
+        rows = _read_split(config, location, split, key, [*required, *keep])
+        cap = config.max_train_examples if key == "data.train" else config.max_test_examples
+        if cap:
+            rows = rows.select(range(min(cap, len(rows))))
+        chats = to_chats(rows.to_dict(), config.instruction, key)
+        columns: dict[str, list[Any]] = {TEXT: [plain_text(c) for c in chats], MESSAGES: chats}
+        for column in keep:
+            columns[column] = list(rows[column])
+        splits.append(datasets.Dataset.from_dict(columns))
+    return TextData(train=splits[0], test=splits[1], label_names=None)
 
 
 def _natural_key(value: str) -> tuple[int, Any]:
@@ -124,7 +148,9 @@ def _read_split(
         for column in wanted:
             if _missing(record.get(column)):
                 raise DataError(f"{key}: {path}:{line_no}: no value for {column!r}")
-    return datasets.Dataset.from_list([record for _, record in numbered])
+    # Every row gets every column (None where it has none, e.g. Alpaca's optional input):
+    # from_list would otherwise take the columns of the first row only.
+    return datasets.Dataset.from_list([{c: record.get(c) for c in columns} for _, record in numbered])
 
 
 def _missing(value: Any) -> bool:

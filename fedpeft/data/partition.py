@@ -70,11 +70,16 @@ def partition_dataset(dataset: datasets.Dataset, config: PartitionConfig, seed: 
         dataset = dataset.shuffle(seed=seed)
         partitioner = IidPartitioner(num_partitions=config.num_clients)
     elif config.scheme == "dirichlet":
-        if LABEL not in dataset.column_names:
-            raise DataError("partition.scheme = 'dirichlet' needs labels (set data.label_column)")
+        skew_by = config.column or LABEL
+        if skew_by not in dataset.column_names:
+            raise DataError(
+                f"partition.column: column {skew_by!r} not in the training data"
+                if config.column
+                else "partition.scheme = 'dirichlet' needs labels (set data.label_column) or partition.column"
+            )
         partitioner = DirichletPartitioner(
             num_partitions=config.num_clients,
-            partition_by=LABEL,
+            partition_by=skew_by,
             alpha=config.alpha,
             min_partition_size=config.min_partition_size,
             self_balancing=False,

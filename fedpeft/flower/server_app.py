@@ -7,6 +7,7 @@ and the final peft checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ from fedpeft.attacks.capture import CapturePlan, malicious_adapter, threat_model
 from fedpeft.checkpoint import RoundCheckpoint, check_run_folder, save_checkpoint
 from fedpeft.codecs import CodecContext
 from fedpeft.config import Config
+from fedpeft.data.instructions import MESSAGES
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.deployment import with_deployment_defaults
@@ -33,6 +35,7 @@ from fedpeft.flower.run_config import (
 )
 from fedpeft.flower.secure_aggregation import ProtocolSettings, payload_layout, secure_train_round
 from fedpeft.flower.strategy import AdapterStrategy, RoundTraffic, mean_train_loss
+from fedpeft.generation import score_generations
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
@@ -53,6 +56,35 @@ def evaluate_state(experiment: Experiment, state: Mapping[str, Tensor]) -> EvalR
     model = experiment.model.model
     load_adapter_state(model, state)
     return evaluate(model, experiment.test_loader, experiment.config.model.task, experiment.device)
+
+
+def score_answers(experiment: Experiment, server_round: int, out_dir: Path | None) -> dict[str, float]:
+    """Instruction tuning: score greedy answers of the adapter just evaluated.
+
+    A few answers per round go to ``generations.json`` (round -> samples), so that a
+    user can read what the model says before training and after each round.
+    """
+    instruction = experiment.config.data.instruction
+    if not instruction.enabled or instruction.generation_examples == 0:
+        return {}
+    chats = experiment.data.test[MESSAGES][: instruction.generation_examples]
+    loaded = experiment.model
+    result = score_generations(loaded.model, loaded.tokenizer, chats, instruction, experiment.device)
+    if result is None:
+        return {}
+    if out_dir is None:
+        return {result.scorer: result.score, "examples": float(result.examples)}
+    path = out_dir / "generations.json"
+    shown = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    shown[str(server_round)] = result.samples
+    write_json_atomic(path, shown)
+    return {result.scorer: result.score, "examples": float(result.examples)}
+
+
+def describe_generation(scores: Mapping[str, float]) -> str:
+    """``label 0.9125 (64 answers)  `` for a progress line; empty without scores."""
+    named = [(name, value) for name, value in scores.items() if name != "examples"]
+    return "".join(f"{name} {value:.4f} ({scores['examples']:.0f} answers)  " for name, value in named)
 
 
 def format_bytes(n: float) -> str:
@@ -124,7 +156,7 @@ def run_federation(
     else:
         global_state = dict(experiment.initial_state)
         ledger = PrivacyLedger()
-        history = new_history(config, experiment, global_state, progress)
+        history = new_history(config, experiment, global_state, progress, out_dir)
         first_round = 1
     strategy.run_key = str(history.meta["run_key"])
 
@@ -163,6 +195,7 @@ def run_federation(
             grid, strategy, config, server_round, global_state, progress, secure, secure_events
         )
         result = evaluate_state(experiment, global_state)
+        generation = score_answers(experiment, server_round, out_dir)
         record = RoundRecord(
             round=server_round,
             accuracy=result.accuracy,
@@ -175,6 +208,7 @@ def run_federation(
             rejected=traffic.rejected,
             per_client=sorted(traffic.clients, key=lambda c: c.client_id),
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},
+            generation=generation,
         )
         record_privacy_events(ledger, config, server_round, trained, strategy.releases)
         for event in secure_events:
@@ -194,6 +228,7 @@ def run_federation(
         )
         progress(
             f"round {server_round}/{rounds}  acc {record.accuracy:.4f}  loss {record.loss:.4f}  "
+            f"{describe_generation(generation)}"
             f"up {format_bytes(record.bytes_up)}  down {format_bytes(record.bytes_down)}  "
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
@@ -217,19 +252,27 @@ def new_history(
     experiment: Experiment,
     global_state: Mapping[str, Tensor],
     progress: Callable[[str], None],
+    out_dir: Path | None = None,
 ) -> RunHistory:
-    """The run's metadata and the initial adapter's central evaluation (round 0)."""
+    """The run's metadata and the initial adapter's central evaluation (round 0).
+
+    Instruction tuning's answers before training go to ``out_dir/generations.json``.
+    """
     warnings = config.warnings()  # an unset delta: said at start, kept in metrics.json
     # DP noise that drowns even the best-case clipped signal (fedpeft.privacy.snr).
     coordinates = sum(t.numel() for t in global_state.values())
     warnings += noise_warnings(config, coordinates, experiment.privacy_plan, experiment.partitions.sizes())
+    instruction_data = experiment.instruction_report
+    if instruction_data is not None:
+        progress(instruction_data.describe())
     for warning in warnings:
         progress(f"warning: {warning}")
     experiment.prepare_round(1)
     initial = evaluate_state(experiment, global_state)
+    generation = score_answers(experiment, 0, out_dir)
     progress(
         f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  "
-        f"loss {initial.loss:.4f}  (before training)"
+        f"loss {initial.loss:.4f}  {describe_generation(generation)}(before training)"
     )
     return RunHistory(
         meta={
@@ -248,8 +291,13 @@ def new_history(
             # the same run to the state they keep on disk.
             "run_key": uuid.uuid4().hex,
             "warnings": warnings,
+            **({"instruction_data": instruction_data.as_dict()} if instruction_data else {}),
         },
-        initial={"accuracy": initial.accuracy, "loss": initial.loss},
+        initial={
+            "accuracy": initial.accuracy,
+            "loss": initial.loss,
+            **({"generation": generation} if generation else {}),
+        },
     )
 
 

@@ -56,7 +56,12 @@ class ModelConfig(_Section):
     gguf_file: str | None = None
     """GGUF file inside ``name_or_path`` (transformers de-quantises it); unset: none."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Precision the frozen base is loaded in (``bfloat16``, ``float16``: half precision)."""
+    """Precision the frozen base is loaded in (``bfloat16``, ``float16``: half precision);
+    with ``quantization``, the precision its matrix products compute in."""
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    """Keep the frozen base quantised by bitsandbytes: ``nf4`` (4-bit NormalFloat with
+    double quantisation, as QLoRA) or ``int8`` (LLM.int8()); the adapter trains in full
+    precision. Needs ``pip install bitsandbytes``; not with a GGUF file."""
     trust_remote_code: bool = False
     """Let ``from_pretrained`` run the model repository's own code (trusted repositories only)."""
 
@@ -248,6 +253,9 @@ class TrainConfig(_Section):
     """Warm-up steps of the schedule, within each round."""
     grad_accumulation: int = Field(default=1, gt=0)
     """Micro-batches per optimiser step."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: less memory
+    for long sequences and large models, about a third more compute. Not with DP-SGD."""
     clip_grad_norm: float | None = Field(default=1.0, gt=0)
     """Global-norm gradient clipping; not DP, and ignored under DP-SGD (which clips per example)."""
     device: str = "auto"
@@ -701,6 +709,10 @@ class Config(_Section):
             raise ValueError(
                 "privacy.example does not support slora's sparse stage (no per-example gradients)"
             )
+        if self.train.gradient_checkpointing:
+            # Opacus records each layer's activations in a forward hook; recomputing the
+            # forward pass in the backward one would record them a second time.
+            raise ValueError("privacy.example: train.gradient_checkpointing is not supported with DP-SGD")
         return self
 
     @model_validator(mode="after")

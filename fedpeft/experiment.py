@@ -97,8 +97,16 @@ class Experiment:
     def model(self) -> LoadedModel:
         """The peft model and tokenizer; the adapter starts at :attr:`initial_state`."""
         loaded = build_model(
-            self.config.model, self.config.adapter, num_labels=self.num_labels, seed=self.config.seed
+            self.config.model,
+            self.config.adapter,
+            num_labels=self.num_labels,
+            seed=self.config.seed,
+            device=self.device,
         )
+        if self.config.train.gradient_checkpointing:
+            # Non-reentrant: gradients reach the adapter through frozen layers without
+            # asking the embeddings' output to require grad.
+            loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Kept now: whoever trains or loads another adapter before first asking for the
         # initial state (the audit loads the final one, then trains shadows) must not get theirs.
         self._built_adapter = adapter_state(loaded.model)

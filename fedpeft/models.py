@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from peft import PeftConfig, PeftModel, PeftType, get_peft_model
+from peft import PeftConfig, PeftModel, PeftType, get_peft_model, prepare_model_for_kbit_training
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import Tensor, nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -148,7 +149,9 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(config: ModelConfig, num_labels: int | None = None, seed: int = 0) -> PreTrainedModel:
+def load_base_model(
+    config: ModelConfig, num_labels: int | None = None, seed: int = 0, device: torch.device | None = None
+) -> PreTrainedModel:
     """``from_pretrained`` for the configured task, every parameter frozen.
 
     Args:
@@ -156,6 +159,8 @@ def load_base_model(config: ModelConfig, num_labels: int | None = None, seed: in
         num_labels: Classes of a sequence-classification head; ignored for causal LMs.
         seed: Seeds the random init of weights the checkpoint lacks (a new
             classification head), so that every process builds the same base.
+        device: Where a quantised base is placed as it is quantised (default: CUDA when
+            present); an unquantised one loads on the CPU and is moved when it trains.
 
     """
     source = resolve_model_source(config)
@@ -165,6 +170,16 @@ def load_base_model(config: ModelConfig, num_labels: int | None = None, seed: in
         "trust_remote_code": config.trust_remote_code,
         "dtype": _DTYPES[config.dtype],
     }
+    if config.quantization != "none":
+        if source.gguf_file:
+            raise ModelLoadError(
+                f"model.quantization: {config.name_or_path} is a GGUF file, which transformers "
+                "de-quantises on load and will not quantise again; save it with save_pretrained "
+                "and point model.name_or_path at that folder"
+            )
+        kwargs["quantization_config"] = _bitsandbytes_config(config)
+        where = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs["device_map"] = {"": str(where)}
     if config.task == "sequence-classification":
         if num_labels is None:
             raise ValueError("num_labels is required for sequence classification")
@@ -178,7 +193,31 @@ def load_base_model(config: ModelConfig, num_labels: int | None = None, seed: in
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.name_or_path: cannot load {source.name_or_path}: {err}") from None
     model.requires_grad_(False)
+    if config.quantization != "none":
+        # QLoRA's preparation: the norms and other unquantised weights in float32, for
+        # stable training when the products compute in half precision. Gradient
+        # checkpointing is train.gradient_checkpointing's to switch on, for any base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def _bitsandbytes_config(config: ModelConfig) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401  (transformers imports it; say what is missing first)
+    except ImportError:
+        raise ModelLoadError(
+            f"model.quantization = {config.quantization!r} needs the bitsandbytes package: "
+            "pip install bitsandbytes"
+        ) from None
+    compute = _DTYPES[config.dtype]
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def _check_local_source(source: ResolvedModelSource) -> None:
@@ -211,10 +250,11 @@ def build_model(
     adapter_config: AdapterConfig,
     num_labels: int | None = None,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> LoadedModel:
-    """Base model + tokenizer + adapter, ready to train."""
+    """Base model + tokenizer + adapter, ready to train (``device``: see :func:`load_base_model`)."""
     tokenizer = load_tokenizer(model_config)
-    base = load_base_model(model_config, num_labels=num_labels, seed=seed)
+    base = load_base_model(model_config, num_labels=num_labels, seed=seed, device=device)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(attach_adapter(base, adapter_config, model_config.task, seed), tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -79,6 +80,13 @@ def score_answers(experiment: Experiment, server_round: int, out_dir: Path | Non
     shown[str(server_round)] = result.samples
     write_json_atomic(path, shown)
     return {result.scorer: result.score, "examples": float(result.examples)}
+
+
+def describe_perplexity(config: Config, loss: float) -> str:
+    """``ppl 12.34  `` (exp of the token-mean loss) for a causal LM; empty otherwise."""
+    if config.model.task != "causal-lm":
+        return ""
+    return f"ppl {math.exp(min(loss, 700.0)):.2f}  "
 
 
 def describe_generation(scores: Mapping[str, float]) -> str:
@@ -228,7 +236,7 @@ def run_federation(
         )
         progress(
             f"round {server_round}/{rounds}  acc {record.accuracy:.4f}  loss {record.loss:.4f}  "
-            f"{describe_generation(generation)}"
+            f"{describe_perplexity(config, record.loss)}{describe_generation(generation)}"
             f"up {format_bytes(record.bytes_up)}  down {format_bytes(record.bytes_down)}  "
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
@@ -272,7 +280,8 @@ def new_history(
     generation = score_answers(experiment, 0, out_dir)
     progress(
         f"round 0/{config.federation.rounds}  acc {initial.accuracy:.4f}  "
-        f"loss {initial.loss:.4f}  {describe_generation(generation)}(before training)"
+        f"loss {initial.loss:.4f}  {describe_perplexity(config, initial.loss)}"
+        f"{describe_generation(generation)}(before training)"
     )
     return RunHistory(
         meta={

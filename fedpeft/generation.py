@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedpeft.config import InstructionConfig
 from fedpeft.data.chat_tokens import render, resolve_prompt_style
 from fedpeft.data.instructions import Chat
-from fedpeft.scoring import SCORERS
+from fedpeft.scoring import make_scorer
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ def scorer_for(config: InstructionConfig) -> str | None:
     if config.scorer == "auto":
         return "label" if config.value_words else "rouge_l"
     return config.scorer
+
+
+def label_words(config: InstructionConfig) -> list[str]:
+    """The words a response can be (``value_words`` of the columns the response names)."""
+    named = [column for column in config.value_words if "{" + column in config.response_template]
+    return sorted({word for column in named for word in config.value_words[column].values()})
 
 
 @torch.no_grad()
@@ -115,7 +121,7 @@ def score_generations(
     prompts = [chat[:-1] for chat in chats]
     references = [chat[-1]["content"] for chat in chats]
     answers = generate(model, tokenizer, prompts, config, device, config.max_new_tokens)
-    score = SCORERS[scorer]
+    score = make_scorer(scorer, label_words(config))
     scores = [score(answer, reference) for answer, reference in zip(answers, references, strict=True)]
     shown = [
         {"prompt": chat[-2]["content"], "reference": reference, "generated": answer}

@@ -3,15 +3,15 @@
 ``exact_match`` compares final answers: the text after the last ``####`` when the
 reference has one (GSM8K's worked solutions end in ``#### 72``), else the whole
 response, both normalised (case, spaces, commas in numbers, a trailing period).
-``label`` asks whether the response starts with the reference's words (a
-classification posed as a question answered by a label word). ``rouge_l`` is the
+``label`` asks which label word the answer names first (a classification posed as a
+question answered by a label word). ``rouge_l`` is the
 ROUGE-L F-measure (Lin, 2004) of Google's ``rouge-score``, as the attacks report it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from rouge_score import rouge_scorer
 
@@ -36,10 +36,22 @@ def exact_match(generated: str, reference: str) -> float:
     return float(final_answer(generated) == final_answer(reference))
 
 
-def label_match(generated: str, reference: str) -> float:
-    """1.0 when the response starts with the reference label's words."""
+def label_match(generated: str, reference: str, choices: Sequence[str] = ()) -> float:
+    """1.0 when the answer names the reference label.
+
+    With the task's label words (``choices``), the label named first in the answer is
+    its answer ("The sentiment is positive." answers positive); without them, the
+    answer must start with the reference's words.
+    """
     words, label = _WORD.findall(generated.lower()), _WORD.findall(reference.lower())
-    return float(bool(words) and words[: len(label)] == label)
+    if not choices:
+        return float(bool(words) and words[: len(label)] == label)
+    options = {tuple(_WORD.findall(choice.lower())) for choice in choices} | {tuple(label)}
+    for start in range(len(words)):
+        named = [o for o in options if o and tuple(words[start : start + len(o)]) == o]
+        if named:
+            return float(max(named, key=len) == tuple(label))
+    return 0.0
 
 
 def rouge_l(generated: str, reference: str) -> float:
@@ -47,9 +59,11 @@ def rouge_l(generated: str, reference: str) -> float:
     return float(_ROUGE_L.score(reference, generated)["rougeL"].fmeasure)
 
 
-SCORERS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match,
-    "label": label_match,
-    "rouge_l": rouge_l,
-}
-"""Scorer name (``data.instruction.scorer``) -> per-example score in [0, 1]."""
+def make_scorer(name: str, choices: Sequence[str] = ()) -> Callable[[str, str], float]:
+    """``(generated, reference) -> score in [0, 1]`` for ``data.instruction.scorer`` ``name``.
+
+    ``choices`` are the task's label words (``value_words``), which ``label`` reads.
+    """
+    if name == "label":
+        return lambda generated, reference: label_match(generated, reference, choices)
+    return {"exact_match": exact_match, "rouge_l": rouge_l}[name]

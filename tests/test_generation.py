@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from fedpeft.config import AdapterConfig, InstructionConfig, ModelConfig
-from fedpeft.generation import generate, score_generations, scorer_for
+from fedpeft.generation import generate, label_words, score_generations, scorer_for
 from fedpeft.models import build_model
 
 
@@ -55,4 +55,5 @@ def test_auto_scores_label_words_by_label_and_free_text_by_rouge() -> None:
         format="template", prompt_template="{x}", response_template="{y}", value_words={"y": {"0": "no"}}
     )
     assert scorer_for(words) == "label"
+    assert label_words(words) == ["no"]
     assert scorer_for(InstructionConfig(format="alpaca")) == "rouge_l"

@@ -16,7 +16,18 @@ def test_exact_match_compares_gsm8k_final_answers() -> None:
     assert final_answer("  The  Answer \n") == "the answer"
 
 
-def test_label_match_reads_the_first_words() -> None:
+def test_label_match_takes_the_label_the_answer_names_first() -> None:
+    choices = ["positive", "negative"]
+    assert label_match("The sentiment of this review is positive.", "positive", choices) == 1.0
+    assert label_match("Not positive: negative overall.", "negative", choices) == 0.0  # names positive first
+    assert label_match("It is negative, not positive.", "negative", choices) == 1.0
+    assert label_match("No idea.", "negative", choices) == 0.0
+    # The longest label wins where labels overlap ("very good" before "good").
+    assert label_match("It was very good", "very good", ["good", "very good"]) == 1.0
+    assert label_match("It was very good", "good", ["good", "very good"]) == 0.0
+
+
+def test_label_match_without_label_words_reads_the_first_words() -> None:
     assert label_match("Positive. The review praises it.", "positive") == 1.0
     assert label_match("negative", "positive") == 0.0
     assert label_match("", "positive") == 0.0

@@ -1,27 +1,40 @@
-"""What privacy costs in accuracy: the federated run at several epsilons.
+"""What privacy costs in accuracy: federated runs at several epsilons, several seeds.
 
-Runs the embedded default federation (``configs/default.toml``: SST-2, 10 clients,
-5 rounds of LoRA FedAvg) through the real CLI with:
+Two scenarios, each a set of rows run through the real CLI (``fedpeft simulate``) once
+per seed:
 
-* example-level DP-SGD (Opacus) calibrated per client to epsilon 1, 3 and 8 at
-  delta 1e-5 over its planned participation (every round),
-* one user-level DP row (DP-FedAvg on the server) with noise calibrated to client
-  epsilon 8 over the 5 rounds (every client sampled each round),
-* no DP (epsilon = infinity).
+``cross-silo`` (``configs/dp-cross-silo.toml``: 5 silos, 20,000 SST-2 sentences from
+``../shared/data/sst2``, example-level DP-SGD per silo over the whole run):
 
-Prints a table (final accuracy, the epsilon the ledger reports, the noise multiplier),
-writes JSON and a plot of accuracy against epsilon. A finished row (its run folder
-holds a complete run of the same config) is reused, so an interrupted run resumes.
+* ``example-eps-8``, ``-3``, ``-1``: each silo's noise calibrated to that epsilon at
+  delta 1e-5 over its planned participation (every round);
+* ``no-dp``: the same federation (data, rounds, adapter) without DP, with the local
+  training a non-private run would pick (small batches, more steps, the same number
+  of examples per round);
+* ``centralised``: LoRA on the pooled 20,000 sentences, one client, the same examples
+  per round: the strong baseline the federation is compared against.
 
-    python benchmarks/dp_utility.py --out runs/bench/dp_utility
+``embedded`` (the data shipped with fedpeft, 10 clients): ``configs/dp-example.toml``,
+``configs/dp-client.toml`` and their non-private twin ``configs/default.toml``.
+
+Prints a table (mean ± std over the seeds of the final accuracy, the epsilon the
+ledger reports), writes JSON whose ``rows`` carry ``scenario``, ``unit``,
+``target_epsilon`` (null without DP), ``epsilon`` (the ledger's, the largest over the
+seeds), ``seeds``, ``accuracy_mean`` and ``accuracy_std``, and a plot of accuracy
+against epsilon. A finished run (its folder holds a complete run of the same config)
+is reused, so an interrupted benchmark resumes where it stopped.
+
+    python benchmarks/dp_utility.py --scenario cross-silo --seeds 0,1,2 \\
+        --out runs/bench/dp_utility --json docs/figures/dp_utility.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,70 +46,135 @@ from _paths import repo_relative
 from _simulate import ROOT, finished, simulate
 
 from fedpeft.config import apply_overrides, parse_config
-from fedpeft.privacy import calibrate_noise
 
-DELTA = 1e-5
-CLIENT_CLIPPING_NORM = 2.0
+NO_DP = ["privacy.example.enabled=false"]
+NON_PRIVATE_TRAIN = ["train.batch_size=50", "train.steps=50", "train.lr=1e-3"]
+"""The cross-silo federation without DP: 2,500 examples a round per silo, as under DP
+(5 Poisson batches of 500), in the small batches non-private fine-tuning prefers."""
+CENTRALISED = [
+    "partition.scheme=iid",
+    "partition.num_clients=1",
+    "federation.min_train_clients=1",
+    "train.batch_size=50",
+    "train.steps=250",
+    "train.lr=1e-3",
+]
+"""All 20,000 sentences on one client, 12,500 examples a round: what the 5 silos see."""
 
 
-def rows(workload: dict[str, Any]) -> list[tuple[str, str, float, list[str]]]:
-    """(name, unit, target epsilon, overrides) per row."""
-    config = parse_config(workload)
-    client_sigma = calibrate_noise(
-        8.0, DELTA, config.federation.fraction_train, config.federation.rounds, "rdp"
-    )
-    example = ["privacy.example.enabled=true", f"privacy.example.delta={DELTA}"]
-    return [
-        ("example-eps-8", "example", 8.0, [*example, "privacy.example.target_epsilon=8.0"]),
-        ("example-eps-3", "example", 3.0, [*example, "privacy.example.target_epsilon=3.0"]),
-        ("example-eps-1", "example", 1.0, [*example, "privacy.example.target_epsilon=1.0"]),
-        (
-            "client-eps-8",
-            "client",
-            8.0,
-            [
-                "privacy.client.enabled=true",
-                f"privacy.client.delta={DELTA}",
-                f"privacy.client.clipping_norm={CLIENT_CLIPPING_NORM}",
-                f"privacy.client.noise_multiplier={client_sigma:.6f}",
-            ],
+@dataclass(frozen=True)
+class Row:
+    name: str
+    unit: str
+    """``example``, ``client`` or ``none``."""
+    target_epsilon: float | None
+    workload: str
+    overrides: tuple[str, ...] = ()
+
+
+SCENARIOS: dict[str, list[Row]] = {
+    "cross-silo": [
+        Row("centralised", "none", None, "configs/dp-cross-silo.toml", (*NO_DP, *CENTRALISED)),
+        Row("no-dp", "none", None, "configs/dp-cross-silo.toml", (*NO_DP, *NON_PRIVATE_TRAIN)),
+        *(
+            Row(
+                f"example-eps-{eps:g}",
+                "example",
+                eps,
+                "configs/dp-cross-silo.toml",
+                (f"privacy.example.target_epsilon={eps}",),
+            )
+            for eps in (8.0, 3.0, 1.0)
         ),
-        ("no-dp", "none", math.inf, []),
-    ]
+    ],
+    "embedded": [
+        Row("no-dp", "none", None, "configs/default.toml"),
+        Row("dp-example", "example", 8.0, "configs/dp-example.toml"),
+        Row("dp-client", "client", 8.0, "configs/dp-client.toml"),
+    ],
+}
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def run_row(scenario: str, row: Row, seed: int, out: Path, extra: list[str]) -> dict[str, Any]:
+    """One row at one seed: reuse a finished run of the same config, else simulate it."""
+    workload = tomllib.loads((ROOT / row.workload).read_text(encoding="utf-8"))
+    config = apply_overrides(workload, [*row.overrides, f"seed={seed}", *extra])
+    name = f"{scenario}/{row.name}/seed-{seed}"
+    parse_config(config, name)
+    folder = out / scenario / row.name / f"seed-{seed}"
+    run = finished(folder, config)
+    print(f"{name}: {'reusing finished run' if run else 'running'}", flush=True)
+    run = run or simulate(name, config, folder)
+    last = run["metrics"]["rounds"][-1]
+    epsilon = last["privacy"].get(f"epsilon_{row.unit}") if row.unit != "none" else None
+    return {"accuracy": last["accuracy"], "epsilon": epsilon, "wall_seconds": run["wall_seconds"]}
+
+
+def summarise(scenario: str, row: Row, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    accuracies = [r["accuracy"] for r in runs.values()]
+    epsilons = [r["epsilon"] for r in runs.values() if r["epsilon"] is not None]
+    return {
+        "scenario": scenario,
+        "row": row.name,
+        "unit": row.unit,
+        "target_epsilon": row.target_epsilon,
+        "epsilon": max(epsilons) if epsilons else None,
+        "delta": 1e-5 if row.unit != "none" else None,
+        "seeds": sorted(runs),
+        "accuracy_mean": statistics.fmean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+        "accuracy_per_seed": [runs[s]["accuracy"] for s in sorted(runs)],
+        "workload": row.workload,
+        "overrides": list(row.overrides),
+        "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in runs.values()),
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    example = sorted((r for r in results if r["unit"] == "example"), key=lambda r: r["epsilon"])
-    ax.plot(
-        [r["epsilon"] for r in example],
-        [r["accuracy"] for r in example],
-        marker="o",
-        label="example-level DP-SGD",
-    )
-    for r in results:
-        if r["unit"] == "client":
-            ax.scatter(
-                [r["epsilon"]],
-                [r["accuracy"]],
-                marker="s",
-                color="C3",
-                label="user-level DP-FedAvg",
-                zorder=3,
+    for index, scenario in enumerate(sorted({r["scenario"] for r in rows})):
+        mine = [r for r in rows if r["scenario"] == scenario]
+        private = sorted((r for r in mine if r["unit"] == "example"), key=lambda r: r["epsilon"])
+        if private:
+            ax.errorbar(
+                [r["epsilon"] for r in private],
+                [r["accuracy_mean"] for r in private],
+                yerr=[r["accuracy_std"] or 0.0 for r in private],
+                marker="o",
+                capsize=3,
+                color=f"C{index}",
+                label=f"{scenario}: example-level DP-SGD",
             )
-        if r["unit"] == "none":
-            ax.axhline(r["accuracy"], color="gray", linestyle="--", label="no DP")
+        for r in mine:
+            if r["unit"] == "client":
+                ax.scatter(
+                    [r["epsilon"]],
+                    [r["accuracy_mean"]],
+                    marker="s",
+                    color=f"C{index}",
+                    label=f"{scenario}: user-level DP-FedAvg",
+                    zorder=3,
+                )
+            if r["unit"] == "none":
+                style = ":" if r["row"] == "centralised" else "--"
+                ax.axhline(
+                    r["accuracy_mean"],
+                    color=f"C{index}",
+                    linestyle=style,
+                    alpha=0.7,
+                    label=f"{scenario}: {r['row']} (no DP)",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("epsilon (delta = 1e-5), from the run's privacy ledger")
-    ax.set_ylabel("SST-2 test accuracy")
-    ax.set_title("Federated LoRA, 10 clients: accuracy vs privacy")
+    ax.set_ylabel("SST-2 test accuracy (mean ± std over seeds)")
+    ax.set_title("Federated LoRA on MiniLM-L6: accuracy against privacy")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -106,58 +184,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workload", type=Path, default=ROOT / "configs/default.toml")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the workload"
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="scenario to run (repeatable; default: cross-silo)",
     )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override every row's config (a sketch: say so beside its numbers)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/dp_utility")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="results file (default: OUT/dp_utility.json); the plot goes beside it",
+    )
     args = parser.parse_args()
 
-    workload = apply_overrides(tomllib.loads(args.workload.read_text(encoding="utf-8")), args.set)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     wanted = {n for n in args.only.split(",") if n}
     results = []
-    for name, unit, target, overrides in rows(workload):
-        if wanted and name not in wanted:
-            continue
-        config = apply_overrides(workload, overrides)
-        parse_config(config, name)
-        folder = args.out / name
-        run = finished(folder, config)
-        print(f"row {name}: {'reusing finished run' if run else 'running'}", flush=True)
-        run = run or simulate(name, config, folder)
-        last = run["metrics"]["rounds"][-1]
-        spent = last["privacy"].get(f"epsilon_{unit}", math.inf) if unit != "none" else math.inf
-        sigmas = [
-            c["dp_noise_multiplier"] for c in last["per_client"] if c.get("dp_noise_multiplier") is not None
-        ]
-        results.append(
-            {
-                "row": name,
-                "unit": unit,
-                "target_epsilon": target,
-                "epsilon": spent,
-                "delta": DELTA,
-                "accuracy": last["accuracy"],
-                "noise_multiplier": (
-                    f"{min(sigmas):.2f}..{max(sigmas):.2f}"
-                    if sigmas
-                    else next((o.split("=")[1] for o in overrides if "client.noise_multiplier" in o), "-")
-                ),
-                "wall_seconds": run["wall_seconds"],
-            }
-        )
-    print(f"{'row':<16} {'unit':<8} {'target eps':>10} {'ledger eps':>10} {'sigma':>12} {'accuracy':>9}")
+    for scenario in args.scenario or ["cross-silo"]:
+        for row in SCENARIOS[scenario]:
+            if wanted and row.name not in wanted:
+                continue
+            runs = {seed: run_row(scenario, row, seed, args.out, args.set) for seed in seeds}
+            results.append(summarise(scenario, row, runs))
+
+    print(f"{'scenario':<11} {'row':<14} {'unit':<8} {'target eps':>10} {'ledger eps':>10} {'accuracy':>16}")
     for r in results:
+        std = f" ± {r['accuracy_std']:.4f}" if r["accuracy_std"] is not None else " (1 seed)"
+        target = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
+        spent = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         print(
-            f"{r['row']:<16} {r['unit']:<8} {r['target_epsilon']:>10.3g} {r['epsilon']:>10.3g} "
-            f"{r['noise_multiplier']:>12} {r['accuracy']:>9.4f}"
+            f"{r['scenario']:<11} {r['row']:<14} {r['unit']:<8} {target:>10} {spent:>10} "
+            f"{r['accuracy_mean']:.4f}{std}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"workload": repo_relative(args.workload), "overrides": args.set, "rows": results}
-    (args.out / "dp_utility.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    plot(results, args.out / "accuracy_vs_epsilon.png")
-    print(f"wrote {args.out / 'dp_utility.json'} and {args.out / 'accuracy_vs_epsilon.png'}")
+    path = args.json or args.out / "dp_utility.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"seeds": seeds, "overrides": args.set, "rows": results}
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    plot(results, path.with_name("accuracy_vs_epsilon.png"))
+    print(f"wrote {repo_relative(path)} and {repo_relative(path.with_name('accuracy_vs_epsilon.png'))}")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,28 @@ def test_dp_sgd_trains_on_responses_and_accounts_each_example(tmp_path: Path, ti
     rounds = metrics["rounds"]
     assert 0 < rounds[0]["privacy"]["epsilon_example"] < rounds[1]["privacy"]["epsilon_example"] <= 8.0
     assert all(r["loss"] < 100 for r in rounds)  # finite (NaN compares False)
+
+
+def test_an_instruction_tuning_update_is_inverted_by_the_attack_suite(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from tests.attacks.test_attack_cli import attack_config, run_attack
+
+    config = attack_config(
+        tiny_llama_dir,
+        {"train": write_qa(tmp_path / "train.jsonl", 40, 0), "test": write_qa(tmp_path / "test.jsonl", 8, 1)},
+    )
+    config["data"] = {
+        **config["data"],
+        "label_column": "",
+        "max_length": 32,
+        "instruction": {"format": "qa", "scorer": "none"},
+    }
+    out, proc = run_attack(config, tmp_path)
+    [outcome] = json.loads((out / "attack.json").read_text())["outcomes"]
+    # The truth is the whole trained sequence, prompt template included (public knowledge).
+    # Every token but the last comes back (a causal LM's last token feeds only the unused
+    # last logit; 12 of 13 here) and nothing that was not there.
+    assert outcome["metrics"]["token_recall"] == pytest.approx(12 / 13), outcome["metrics"]
+    assert outcome["metrics"]["token_precision"] == 1.0
+    assert "recovered:" in proc.stdout

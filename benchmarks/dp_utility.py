@@ -9,8 +9,8 @@ per seed:
 * ``example-eps-8``, ``-3``, ``-1``: each silo's noise calibrated to that epsilon at
   delta 1e-5 over its planned participation (every round);
 * ``no-dp``: the same federation (data, rounds, adapter) without DP, with the local
-  training a non-private run would pick (small batches, more steps, the same number
-  of examples per round);
+  training a non-private run would pick (AdamW on small batches, FedAvg, the same
+  number of examples per round);
 * ``centralised``: LoRA on the pooled 20,000 sentences, one client, the same examples
   per round: the strong baseline the federation is compared against.
 
@@ -48,18 +48,25 @@ from _simulate import ROOT, finished, simulate
 from fedpeft.config import apply_overrides, parse_config
 
 NO_DP = ["privacy.example.enabled=false"]
-NON_PRIVATE_TRAIN = ["train.batch_size=50", "train.steps=50", "train.lr=1e-3"]
-"""The cross-silo federation without DP: 2,500 examples a round per silo, as under DP
-(5 Poisson batches of 500), in the small batches non-private fine-tuning prefers."""
+NON_PRIVATE_TRAIN = [
+    "train.optimizer=adamw",
+    "train.lr=1e-3",
+    "train.batch_size=50",
+    "train.steps=10",
+    "federation.aggregator=fedavg",
+    "federation.aggregator_options={}",
+]
+"""The cross-silo federation without DP, with the local training a non-private run
+picks: AdamW on small batches, plain FedAvg; 500 examples a round per silo, the
+expected Poisson batch the private silos take each round."""
 CENTRALISED = [
+    *NON_PRIVATE_TRAIN,
     "partition.scheme=iid",
     "partition.num_clients=1",
     "federation.min_train_clients=1",
-    "train.batch_size=50",
-    "train.steps=250",
-    "train.lr=1e-3",
+    "train.steps=50",
 ]
-"""All 20,000 sentences on one client, 12,500 examples a round: what the 5 silos see."""
+"""All 20,000 sentences on one client, 2,500 examples a round: what the 5 silos see."""
 
 
 @dataclass(frozen=True)

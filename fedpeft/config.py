@@ -67,7 +67,7 @@ class ModelConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    """The peft adapter. Every key but ``method`` and ``freeze_lora_a`` goes to peft.
+    """The peft adapter. Every key but ``method``, ``freeze_lora_a`` and ``train_head`` goes to peft.
 
     ``method`` is a peft ``PeftType`` (``lora``, ``ia3``, ``loha``, ...); the remaining
     keys are checked against that config class's fields when the config is loaded.
@@ -79,6 +79,12 @@ class AdapterConfig(_Section):
     """Any peft ``PeftType`` (``lora``, ``ia3``, ``loha``, ``lokr``, ``adalora``, ...)."""
     freeze_lora_a: bool = False
     """FFA-LoRA: keep every LoRA A at its shared random init; only B trains and travels."""
+    train_head: bool = True
+    """Whether a new classification head trains. ``false``: it keeps its seeded random init
+    (the same in every process), never travels and is saved with the adapter (FedBABU,
+    Oh et al., ICLR 2022). Under label skew each silo would pull a shared head toward its
+    own class prior; under DP-SGD the head's large per-example gradients would take most
+    of the clipping budget the adapter needs."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -240,6 +246,11 @@ class TrainConfig(_Section):
     """Batch size of evaluation."""
     lr: float = Field(default=3e-3, gt=0)
     """Local learning rate (a new optimiser each round)."""
+    head_lr: float | None = Field(default=None, gt=0)
+    """Learning rate of a new classification head (default: ``lr``). The head maps
+    features of norm ~10 to two logits, so a step that suits the adapter moves its logits
+    by far more; a smaller one stops a silo's update from swinging the shared head to its
+    own class prior (label skew) and, under DP-SGD, from overshooting on noised steps."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """``adamw``, or ``sgd`` (with ``momentum``)."""
     momentum: float = Field(default=0.0, ge=0, lt=1)

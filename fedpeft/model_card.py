@@ -124,6 +124,8 @@ def _adapter_section(config: Config, history: RunHistory) -> str:
     ]
     if adapter.freeze_lora_a:
         lines.append("- FFA-LoRA: every LoRA A stays at its seeded initialisation; only B trained")
+    if not adapter.train_head:
+        lines.append("- the classification head stays at its seeded initialisation (saved with the adapter)")
     trainable = history.meta.get("trainable_parameters")
     if trainable is not None:
         lines.append(f"- {trainable:,} trainable parameters ({history.meta.get('adapter_bytes', 0):,} bytes)")

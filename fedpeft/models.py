@@ -117,6 +117,8 @@ def build_peft_config(adapter: AdapterConfig, task: Task) -> PeftConfig:
     method = adapter.method.upper()
     if adapter.freeze_lora_a and method != "LORA":
         raise ConfigError(f"adapter.freeze_lora_a: only for method 'lora', not {adapter.method!r}")
+    if not adapter.train_head and task != "sequence-classification":
+        raise ConfigError("adapter.train_head: only a sequence classifier has a new head to keep frozen")
     if method not in {str(m.value) for m in PEFT_TYPE_TO_CONFIG_MAPPING}:
         choices = ", ".join(sorted(str(m.value).lower() for m in PEFT_TYPE_TO_CONFIG_MAPPING))
         raise ConfigError(f"adapter.method: unknown peft method {adapter.method!r} ({choices})")
@@ -239,6 +241,12 @@ def attach_adapter(base: PreTrainedModel, adapter: AdapterConfig, task: Task, se
         # process, so averaging the Bs averages the updates B A exactly.
         for name, param in model.named_parameters():
             if ".lora_A." in name:
+                param.requires_grad_(False)
+    if not adapter.train_head:
+        # The head stays at the init load_base_model seeded, which every process shares;
+        # peft still saves it (modules_to_save), so the adapter reloads with it anywhere.
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:
                 param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("adapter: the peft config leaves no trainable parameter")

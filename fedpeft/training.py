@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
@@ -150,8 +151,25 @@ def local_batches(loader: DataLoader, epochs: int, steps: int, accumulation: int
                 return
 
 
-def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the default) or SGD (with ``train.momentum``) over ``params``, fresh each round."""
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable tensors of ``model``: the adapter's, then a new head's (``train.head_lr``)."""
+    adapter: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (head if ".modules_to_save." in name else adapter).append(param)
+    if config.head_lr is None or not head:
+        return [{"params": adapter + head}]
+    return [g for g in ({"params": adapter}, {"params": head, "lr": config.head_lr}) if g["params"]]
+
+
+def make_optimizer(
+    params: list[nn.Parameter] | list[dict[str, Any]], config: TrainConfig
+) -> torch.optim.Optimizer:
+    """AdamW (the default) or SGD (with ``train.momentum``) over ``params``, fresh each round.
+
+    ``params``: tensors, or groups (see :func:`parameter_groups`) whose ``lr`` overrides ``train.lr``.
+    """
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -174,7 +192,7 @@ def train_local(
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    optimizer = make_optimizer(parameter_groups(model, config), config)
     micro_batches = len(loader) * config.epochs if config.epochs else config.steps * config.grad_accumulation
     total_steps = max(1, math.ceil(micro_batches / config.grad_accumulation))
     scheduler = get_scheduler(

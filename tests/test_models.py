@@ -184,3 +184,37 @@ def test_ffa_lora_needs_lora() -> None:
                 }
             }
         )
+
+
+def test_frozen_head_stays_at_the_shared_init_and_is_saved(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "model": {"name_or_path": str(tiny_bert_dir)},
+            "adapter": {"r": 4, "target_modules": ["query"], "train_head": False},
+        }
+    )
+    first = build_model(config.model, config.adapter, num_labels=2, seed=5)
+    second = build_model(config.model, config.adapter, num_labels=2, seed=5)
+    state = adapter_state(first.model)
+    assert state and all(".lora_" in n for n in state)  # the head neither trains nor travels
+    heads = {n: p for n, p in first.model.named_parameters() if ".modules_to_save." in n}
+    others = dict(second.model.named_parameters())
+    assert heads and all(torch.equal(p, others[n]) for n, p in heads.items())
+
+    trained = {k: v + 0.1 * torch.randn_like(v) for k, v in state.items()}
+    save_adapter(first.model, trained, tmp_path / "adapter", str(tiny_bert_dir))
+    base = load_base_model(config.model, num_labels=2, seed=123)  # another head if it were not saved
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    batch = first.tokenizer(["a good film", "a dull story"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, first.model.eval()(**batch).logits)
+
+
+def test_frozen_head_needs_a_classifier(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="train_head"):
+        parse_config(
+            {
+                "model": {"name_or_path": str(tiny_llama_dir), "task": "causal-lm"},
+                "adapter": {"target_modules": ["q_proj"], "train_head": False},
+            }
+        )

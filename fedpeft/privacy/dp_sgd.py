@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from fedpeft.config import ExamplePrivacyConfig, Task, TrainConfig
-from fedpeft.training import TrainResult, make_optimizer
+from fedpeft.training import TrainResult, make_optimizer, parameter_groups
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def train_local_private(
     clip_norm = privacy.max_grad_norm * margin
     opacus_noise = noise_multiplier / margin
     noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-    base_optimizer = make_optimizer(params, config)
+    base_optimizer = make_optimizer(parameter_groups(model, config), config)
     private_model: GradSampleModule
     optimizer: DPOptimizer
     if mode == "ghost":

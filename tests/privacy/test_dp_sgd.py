@@ -211,3 +211,43 @@ def test_poisson_sampling_draws_the_expected_batch_size(
     assert len(sizes) == 400
     assert 19 < sum(sizes) / len(sizes) < 21  # mean 20, std of the mean 0.22
     assert len(set(sizes)) > 5  # sizes vary: it is Poisson sampling, not fixed batches
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_head_lr_scales_the_heads_step_alone(
+    tiny_bert_dir: Path, sentiment_files: dict[str, Path], private: bool
+) -> None:
+    """One SGD step from the same start on the same batch: with ``head_lr`` = lr / 4 the
+    adapter moves exactly as without it and the head moves a quarter as far."""
+    moves = []
+    for head_lr in (None, 0.25):
+        config, loaded = tiny_model(tiny_bert_dir, sentiment_files)
+        model, task = loaded.model, config.model.task
+        dataset = encoded_rows(loaded.tokenizer, task)
+        collate = make_collator(loaded.tokenizer, task)
+        before = adapter_state(model)
+        train = TrainConfig(steps=1, batch_size=4, lr=1.0, head_lr=head_lr, optimizer="sgd")  # type: ignore[arg-type]
+        if private:
+            privacy = ExamplePrivacyConfig(enabled=True, noise_multiplier=0.0, max_grad_norm=0.05)  # type: ignore[arg-type]
+            train_local_private(
+                model,
+                dataset,
+                collate,
+                task,
+                train,
+                privacy,
+                0.0,
+                torch.device("cpu"),
+                batches=[[0, 3, 5, 7]],
+            )
+        else:
+            loader = make_loader(dataset.select([0, 3, 5, 7]), loaded.tokenizer, task, 4, shuffle=False)
+            train_local(model, loader, train.model_copy(update={"clip_grad_norm": None}), torch.device("cpu"))
+        after = adapter_state(model)
+        moves.append({name: after[name] - before[name] for name in before})
+    plain, scaled = moves
+    heads = [name for name in plain if ".modules_to_save." in name]
+    assert heads and any(float(plain[name].abs().max()) > 0 for name in heads)
+    for name in plain:
+        factor = 0.25 if name in heads else 1.0
+        torch.testing.assert_close(scaled[name], factor * plain[name], atol=1e-7, rtol=1e-5, msg=name)

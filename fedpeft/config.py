@@ -247,10 +247,11 @@ class TrainConfig(_Section):
     lr: float = Field(default=3e-3, gt=0)
     """Local learning rate (a new optimiser each round)."""
     head_lr: float | None = Field(default=None, gt=0)
-    """Learning rate of a new classification head (default: ``lr``). The head maps
-    features of norm ~10 to two logits, so a step that suits the adapter moves its logits
-    by far more; a smaller one stops a silo's update from swinging the shared head to its
-    own class prior (label skew) and, under DP-SGD, from overshooting on noised steps."""
+    """Learning rate of the modules peft trains whole (a new classification head;
+    default: ``lr``). The head maps features of norm ~10 to the logits, so a step that
+    suits the adapter moves them by far more; a smaller one is meant to keep a silo from
+    swinging the shared head to its own class prior (label skew). Measured on one
+    skewed DP setting, it did not help (docs: differential privacy)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """``adamw``, or ``sgd`` (with ``momentum``)."""
     momentum: float = Field(default=0.0, ge=0, lt=1)

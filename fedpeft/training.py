@@ -153,13 +153,11 @@ def local_batches(loader: DataLoader, epochs: int, steps: int, accumulation: int
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """The trainable tensors of ``model``: the adapter's, then a new head's (``train.head_lr``)."""
-    adapter: list[nn.Parameter] = []
-    head: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head if ".modules_to_save." in name else adapter).append(param)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [p for name, p in trainable if ".modules_to_save." in name]
     if config.head_lr is None or not head:
-        return [{"params": adapter + head}]
+        return [{"params": [p for _, p in trainable]}]
+    adapter = [p for name, p in trainable if ".modules_to_save." not in name]
     return [g for g in ({"params": adapter}, {"params": head, "lr": config.head_lr}) if g["params"]]
 
 

@@ -27,7 +27,7 @@ from fedpeft.models import AdapterState, LoadedModel, adapter_state, build_model
 from fedpeft.privacy.dp_sgd import sample_rate_of, steps_per_round
 from fedpeft.privacy.ledger import calibrate_noise
 from fedpeft.slora import SloraStages, Stage
-from fedpeft.training import make_collator, make_loader, resolve_device, tokenize
+from fedpeft.training import make_collator, make_eval_loader, make_loader, resolve_device, tokenize
 
 
 class Experiment:
@@ -248,7 +248,7 @@ class Experiment:
 
     @cached_property
     def test_loader(self) -> DataLoader:
-        """Batches of the test split, in order."""
+        """Batches of the test split, by length (:func:`fedpeft.training.make_eval_loader`)."""
         # Evaluated example by example: never packed.
         instruction = self.config.data.instruction.model_copy(update={"packing": False})
         encoded = tokenize(
@@ -258,10 +258,6 @@ class Experiment:
             self.config.model.task,
             instruction,
         )
-        return make_loader(
-            encoded,
-            self.model.tokenizer,
-            self.config.model.task,
-            self.config.train.eval_batch_size,
-            shuffle=False,
+        return make_eval_loader(
+            encoded, self.model.tokenizer, self.config.model.task, self.config.train.eval_batch_size
         )

@@ -6,7 +6,15 @@ import torch
 
 from fedpeft.config import ModelConfig, TrainConfig, parse_config
 from fedpeft.models import adapter_state, build_model, load_adapter_state
-from fedpeft.training import evaluate, make_loader, make_optimizer, resolve_device, tokenize, train_local
+from fedpeft.training import (
+    evaluate,
+    make_eval_loader,
+    make_loader,
+    make_optimizer,
+    resolve_device,
+    tokenize,
+    train_local,
+)
 from tests.conftest import make_sentiment_rows
 
 
@@ -92,6 +100,24 @@ def test_evaluate_counts_accuracy(tiny, encoded) -> None:
     assert result.accuracy == pytest.approx(
         sum(p == y for p, y in zip(predictions, encoded["labels"], strict=True)) / 20
     )
+
+
+def test_eval_loader_batches_by_length_and_evaluates_the_same(tiny, encoded) -> None:
+    """Length-sorted batches cover every example once, pad less, and change no result."""
+    in_order = make_loader(encoded, tiny.tokenizer, "sequence-classification", 8, shuffle=False)
+    by_length = make_eval_loader(encoded, tiny.tokenizer, "sequence-classification", 8)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    assert sorted(i for batch in by_length.batch_sampler for i in batch) == list(range(20))
+    assert [len(b) for b in by_length.batch_sampler] == [8, 8, 4]
+    seen = [int(b["attention_mask"].sum(1).max()) for b in by_length]
+    assert seen == sorted(seen) and seen[-1] == max(lengths)
+    padded = sum(b["input_ids"].numel() for b in by_length)
+    assert padded <= sum(b["input_ids"].numel() for b in in_order)
+    sorted_result = evaluate(tiny.model, by_length, "sequence-classification", torch.device("cpu"))
+    ordered_result = evaluate(tiny.model, in_order, "sequence-classification", torch.device("cpu"))
+    assert sorted_result.num_examples == ordered_result.num_examples == 20
+    assert sorted_result.accuracy == ordered_result.accuracy
+    assert sorted_result.loss == pytest.approx(ordered_result.loss, rel=1e-5)
 
 
 def test_causal_lm_loss_and_token_accuracy(tiny_llama_dir: Path) -> None:

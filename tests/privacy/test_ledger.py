@@ -43,6 +43,37 @@ def test_composition_over_rounds_matches_both_libraries_and_is_monotone() -> Non
     assert previous == pytest.approx(google.get_epsilon(1e-5), abs=1e-6)
 
 
+def test_a_long_ledger_computes_each_distinct_mechanism_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forty rounds of one client's events: one RDP curve, not forty (nor forty per round).
+
+    Epsilon is recomputed every round by the client and the server; before the curve
+    was shared, the accounting's cost grew with the square of the rounds.
+    """
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    from fedpeft.privacy import ledger as ledger_module
+
+    ledger_module._gaussian_rdp_per_step.cache_clear()
+    computed = []
+    original = rdp_analysis.compute_rdp
+
+    def counting(**kwargs):
+        computed.append((kwargs["q"], kwargs["noise_multiplier"]))
+        return original(**kwargs)
+
+    monkeypatch.setattr(rdp_analysis, "compute_rdp", counting)
+    ledger = PrivacyLedger()
+    for round_ in range(1, 41):
+        ledger.record(DpEvent(round_, "0", "example", 0.888, 0.12, 1))
+        spent = ledger.epsilon(1e-5)
+    ledger.record(DpEvent(41, "0", "example", 0.5, 0.12, 2))
+    ledger.epsilon(1e-5)
+    assert computed == [(0.12, 0.888), (0.12, 0.5)]
+    opacus = RDPAccountant()
+    opacus.history = [(0.888, 0.12, 40)]
+    assert spent == pytest.approx(opacus.get_epsilon(1e-5, alphas=list(RDP_ORDERS)), abs=1e-9)
+
+
 def test_prv_accountant_is_opacus_prv() -> None:
     ledger = PrivacyLedger(
         [DpEvent(1, "0", "example", 1.1, 0.02, 300), DpEvent(2, "0", "example", 1.1, 0.02, 300)]

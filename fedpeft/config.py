@@ -265,6 +265,11 @@ class TrainConfig(_Section):
     """Warm-up steps of the schedule, within each round."""
     grad_accumulation: int = Field(default=1, gt=0)
     """Micro-batches per optimiser step."""
+    group_by_length: bool = False
+    """Batch examples of similar lengths together (shuffled, within windows of 50
+    batches, as transformers' Trainer does): far less padding on short texts of mixed
+    lengths, at the price of batches whose lengths correlate. Not used by DP-SGD, whose
+    Poisson batches are sampled per example and split by length already."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of keeping them: less memory
     for long sequences and large models, about a third more compute. Not with DP-SGD."""

@@ -244,6 +244,7 @@ class Experiment:
             self.config.train.batch_size,
             shuffle=True,
             seed=seed,
+            group_by_length=self.config.train.group_by_length,
         )
 
     @cached_property

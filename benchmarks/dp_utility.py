@@ -14,8 +14,10 @@ per seed:
 * ``centralised``: LoRA on the pooled 20,000 sentences, one client, the same examples
   per round: the strong baseline the federation is compared against.
 
-``embedded`` (the data shipped with fedpeft, 10 clients): ``configs/dp-example.toml``,
-``configs/dp-client.toml`` and their non-private twin ``configs/default.toml``.
+``embedded`` (the data shipped with fedpeft): ``configs/dp-example.toml`` (2 silos),
+``configs/dp-client.toml`` (400 clients, user-level DP), the latter's federation
+without DP (``dp-client-no-noise``: no clipping, no noise) and the embedded default
+``configs/default.toml`` (10 clients, no DP).
 
 Prints a table (mean ± std over the seeds of the final accuracy, the epsilon the
 ledger reports), writes JSON whose ``rows`` carry ``scenario``, ``unit``,
@@ -100,6 +102,7 @@ SCENARIOS: dict[str, list[Row]] = {
         Row("no-dp", "none", None, "configs/default.toml"),
         Row("dp-example", "example", 8.0, "configs/dp-example.toml"),
         Row("dp-client", "client", 8.0, "configs/dp-client.toml"),
+        Row("dp-client-no-noise", "none", None, "configs/dp-client.toml", ("privacy.client.enabled=false",)),
     ],
 }
 
@@ -161,10 +164,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             )
         for r in mine:
             if r["unit"] == "client":
-                ax.scatter(
+                ax.errorbar(
                     [r["epsilon"]],
                     [r["accuracy_mean"]],
-                    marker="s",
+                    yerr=[r["accuracy_std"] or 0.0],
+                    fmt="s",
+                    capsize=3,
                     color=f"C{index}",
                     label=f"{scenario}: user-level DP-FedAvg",
                     zorder=3,
@@ -189,6 +194,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def merge_rows(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with each row that ``new`` has (same scenario and row) replaced, then the rest of ``new``."""
+    fresh = {(r["scenario"], r["row"]): r for r in new}
+    merged = [fresh.pop((r["scenario"], r["row"]), r) for r in kept]
+    return merged + list(fresh.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,7 +212,11 @@ def main() -> None:
         help="scenario to run (repeatable; default: cross-silo)",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated rows to run, by name or scenario/name (default: all)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -215,6 +231,12 @@ def main() -> None:
         default=None,
         help="results file (default: OUT/dp_utility.json); the plot goes beside it",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of an existing results file that this run does not redo "
+        "(rows can then be run with different seeds, one invocation each)",
+    )
     args = parser.parse_args()
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -222,7 +244,7 @@ def main() -> None:
     results = []
     for scenario in args.scenario or ["cross-silo"]:
         for row in SCENARIOS[scenario]:
-            if wanted and row.name not in wanted:
+            if wanted and not {row.name, f"{scenario}/{row.name}"} & wanted:
                 continue
             runs = {seed: run_row(scenario, row, seed, args.out, args.set) for seed in seeds}
             results.append(summarise(scenario, row, runs))
@@ -238,7 +260,9 @@ def main() -> None:
         )
     path = args.json or args.out / "dp_utility.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"seeds": seeds, "overrides": args.set, "rows": results}
+    if args.merge and path.is_file():
+        results = merge_rows(json.loads(path.read_text(encoding="utf-8"))["rows"], results)
+    report = {"overrides": args.set, "rows": results}
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     plot(results, path.with_name("accuracy_vs_epsilon.png"))
     print(f"wrote {repo_relative(path)} and {repo_relative(path.with_name('accuracy_vs_epsilon.png'))}")

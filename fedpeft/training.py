@@ -73,18 +73,29 @@ def tokenize(
     if MESSAGES in dataset.column_names and instruction is not None and instruction.enabled:
         return tokenize_chats(dataset, tokenizer, max_length, instruction)[0]
 
-    # The tokenizer is called on the whole column and the result built as a new
+    # The tokenizer is called on the column directly and each chunk's output stored as a
     # Dataset, not through ``Dataset.map``: map fingerprints its function by pickling
     # it, tokenizer included (MiniLM's: 115 ms against 9 ms for the whole call made
     # directly, on a 20-sentence partition), and prints a progress bar per call. Every
-    # simulated client tokenizes its partition once per process.
-    texts = list(dataset[TEXT])
-    columns: dict[str, list] = {"input_ids": [], "attention_mask": []}
-    if texts:  # fast tokenizers reject an empty batch
-        columns = dict(tokenizer(texts, truncation=True, max_length=max_length))
-    if task == "sequence-classification":
-        columns["labels"] = list(dataset[LABEL])
-    return datasets.Dataset.from_dict(columns)
+    # simulated client tokenizes its partition once per process. Chunks bound the
+    # Python lists alive at once for a large split.
+    if len(dataset) == 0:  # fast tokenizers reject an empty batch
+        empty: dict[str, list] = {"input_ids": [], "attention_mask": []}
+        if task == "sequence-classification":
+            empty["labels"] = []
+        return datasets.Dataset.from_dict(empty)
+    chunks = []
+    for start in range(0, len(dataset), TOKENIZE_CHUNK):
+        rows = dataset[start : start + TOKENIZE_CHUNK]
+        columns = dict(tokenizer(rows[TEXT], truncation=True, max_length=max_length))
+        if task == "sequence-classification":
+            columns["labels"] = rows[LABEL]
+        chunks.append(datasets.Dataset.from_dict(columns))
+    return chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
+
+
+TOKENIZE_CHUNK = 10_000
+"""Rows tokenized per call: the Python lists of one chunk are alive at a time."""
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase, task: Task) -> Callable[[list[dict]], dict]:

@@ -52,7 +52,9 @@ def test_tokenize_keeps_the_tokenizers_ids_and_the_labels(tiny, monkeypatch) -> 
     assert max(len(ids) for ids in encoded["input_ids"]) == 5
     assert "text" not in encoded.column_names
     empty = tokenize(data.select([]), tiny.tokenizer, 5, "sequence-classification")
-    assert len(empty) == 0
+    assert len(empty) == 0 and "labels" in empty.column_names
+    monkeypatch.setattr("fedpeft.training.TOKENIZE_CHUNK", 5)  # 12 rows: chunks of 5, 5, 2
+    assert tokenize(data, tiny.tokenizer, 5, "sequence-classification").to_dict() == encoded.to_dict()
 
 
 def test_step_budget_counts_optimizer_steps(tiny, encoded) -> None:

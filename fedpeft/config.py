@@ -457,7 +457,14 @@ class ClientPrivacyConfig(_Section):
     clipping_norm: float = Field(default=1.0, gt=0)
     """C: each sampled client's decoded update is clipped to this L2 norm."""
     noise_multiplier: float = Field(default=1.0, ge=0)
-    """sigma: the noise added to the mean has std sigma C / (q N)."""
+    """sigma: the noise added to the mean has std sigma C / (q N). Unset while
+    ``target_epsilon`` is set: calibrated when the config is read (``fedpeft validate``
+    prints it; the run's ``config.toml`` records it)."""
+    target_epsilon: float | None = Field(default=None, gt=0)
+    """Client-level epsilon (at ``delta``) for the whole run. Without ``noise_multiplier``,
+    sigma is the smallest that keeps ``federation.rounds`` releases at q =
+    ``fraction_train`` within it; with it, a budget: the server stops training (and
+    saves the adapter) before a round whose release would exceed it."""
     delta: float = Field(default=DEFAULT_DELTA, gt=0, lt=1)
     """Must be below 1/(number of clients); unset: 1e-5, with a warning at start."""
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -715,6 +722,13 @@ class Config(_Section):
                     f"privacy.client: the expected cohort federation.fraction_train x "
                     f"partition.num_clients = {expected:g} is below federation.min_train_clients "
                     f"= {self.federation.min_train_clients}; raise fraction_train or lower min_train_clients"
+                )
+            if central.target_epsilon is not None and self.federation.secure_aggregation.enabled:
+                # The clients' Skellam shares are accounted by their own RDP, not the
+                # subsampled Gaussian's a calibration here would assume.
+                raise ValueError(
+                    "privacy.client.target_epsilon is not offered with federation.secure_aggregation: "
+                    "set privacy.client.noise_multiplier (the run reports the epsilon it spends)"
                 )
         if not self.privacy.example.enabled:
             return self
@@ -1015,7 +1029,35 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
 
     build_peft_config(config.adapter, config.model.task)
     _check_extensions(config, source)
-    return config
+    return _calibrate_client_noise(data, config, source)
+
+
+def _calibrate_client_noise(data: Mapping[str, Any], config: Config, source: str) -> Config:
+    """``config`` with user-level DP's noise calibrated to ``privacy.client.target_epsilon``.
+
+    Only where the noise multiplier is not given: a config written by
+    :meth:`Config.to_toml` carries the calibrated one, so clients and resumed runs read
+    it back instead of calibrating again (about a second).
+    """
+    central = config.privacy.client
+    given = data.get("privacy", {}).get("client", {})
+    if not central.enabled or central.target_epsilon is None or "noise_multiplier" in given:
+        return config
+    from fedpeft.privacy.ledger import calibrate_noise  # local: the accountants load slowly
+
+    federation = config.federation
+    try:
+        sigma = calibrate_noise(
+            central.target_epsilon,
+            central.delta,
+            federation.fraction_train,
+            federation.rounds,
+            central.accountant,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{source}: privacy.client.target_epsilon: {err}") from None
+    client = central.model_copy(update={"noise_multiplier": sigma})
+    return config.model_copy(update={"privacy": config.privacy.model_copy(update={"client": client})})
 
 
 def _check_extensions(config: Config, source: str) -> None:

@@ -41,7 +41,7 @@ from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_js
 from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
 from fedpeft.privacy.distributed import delta_with_clamps
-from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger
+from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger, epsilon_of
 from fedpeft.privacy.snr import noise_warnings
 from fedpeft.training import EvalResult, evaluate
 
@@ -182,6 +182,7 @@ def run_federation(
         save_checkpoint(out_dir, checkpoint)
         write_views(out_dir, history, ledger)
 
+    completed = rounds
     for server_round in range(first_round, rounds + 1):
         started = time.monotonic()
         stage_metrics: dict[str, float] = {}
@@ -197,10 +198,21 @@ def run_federation(
                 f"(norm {stage_metrics['slora_update_norm']:.4g}, "
                 f"truncation drops {stage_metrics['slora_svd_dropped_norm']:.4g})"
             )
+        releases_left = client_releases_left(ledger, config, server_round)
+        if releases_left == 0:
+            note = (
+                f"privacy.client.target_epsilon {config.privacy.client.target_epsilon:g} reached: "
+                f"round {server_round}'s noised mean would exceed it, so training stops after "
+                f"round {server_round - 1} of {rounds}"
+            )
+            progress(note)
+            history.meta.setdefault("warnings", []).append(note)
+            completed = server_round - 1
+            break
         experiment.prepare_round(server_round)
         secure_events: list[DpEvent] = []
         global_state, traffic, trained = train_round(
-            grid, strategy, config, server_round, global_state, progress, secure, secure_events
+            grid, strategy, config, server_round, global_state, progress, secure, secure_events, releases_left
         )
         result = evaluate_state(experiment, global_state)
         generation = score_answers(experiment, server_round, out_dir)
@@ -240,10 +252,10 @@ def run_federation(
             f"up {format_bytes(record.bytes_up)}  down {format_bytes(record.bytes_down)}  "
             f"clients {record.clients}  {record.seconds:.1f} s{spent}"
         )
-    experiment.prepare_round(rounds)  # the final adapter's shape (SLoRA's stage), on resume too
+    experiment.prepare_round(max(completed, 1))  # the final adapter's shape (SLoRA's stage), on resume too
     card = render_model_card(config, history, privacy_summary(ledger, config, clamp), experiment.num_labels)
     save_adapter(experiment.model.model, global_state, out_dir / "adapter", config.model.name_or_path, card)
-    save(rounds, finished=True)
+    save(completed, finished=True)
     return history
 
 
@@ -319,11 +331,14 @@ def train_round(
     progress: Callable[[str], None],
     secure: ProtocolSettings | None = None,
     secure_events: list[DpEvent] | None = None,
+    releases_left: int | None = None,
 ) -> tuple[dict[str, Tensor], RoundTraffic, list[ClientRoundRecord]]:
     """One round's training exchange, sent again while too few usable updates come back.
 
     With ``secure`` the exchange is a SecAgg+ round (:mod:`fedpeft.flower.secure_aggregation`);
-    the ledger events of its unmasked sums are appended to ``secure_events``.
+    the ledger events of its unmasked sums are appended to ``secure_events``. Under a
+    user-level privacy budget, ``releases_left`` caps the attempts (each may release a
+    noised mean).
 
     Returns the next global state, the successful attempt's traffic and every client
     that trained in any attempt (each of them spent privacy, aggregated or not).
@@ -331,7 +346,10 @@ def train_round(
     federation = config.federation
     trained: list[ClientRoundRecord] = []
     secure_events = secure_events if secure_events is not None else []
-    for attempt in range(federation.round_retries + 1):
+    attempts = federation.round_retries + 1
+    if releases_left is not None:
+        attempts = min(attempts, releases_left)
+    for attempt in range(attempts):
         if secure is not None:
             new_arrays, outcome = secure_train_round(
                 grid, strategy, config, server_round, state_to_record(global_state), secure
@@ -369,12 +387,37 @@ def train_round(
             + "".join(f"; {reason}" for reason in reasons)
             + ")"
         )
-        if attempt < federation.round_retries:
+        if attempt + 1 < attempts:
             progress(f"{problem}; sending the round again ({attempt + 1}/{federation.round_retries})")
+    budget = (
+        f" (privacy.client.target_epsilon allowed {attempts} noised mean(s) more)"
+        if attempts < federation.round_retries + 1
+        else ""
+    )
     raise FederationError(
-        f"{problem}; gave up after {federation.round_retries} retries. The global adapter "
+        f"{problem}; gave up after {attempts - 1} retries{budget}. The global adapter "
         "of the last completed round is checkpointed: fix the clients and continue with --resume"
     )
+
+
+def client_releases_left(ledger: PrivacyLedger, config: Config, server_round: int) -> int | None:
+    """How many noised means user-level DP's budget still allows, at most a round's attempts.
+
+    None without a budget (``privacy.client.target_epsilon`` unset, or the clients add
+    the noise under secure aggregation). Each release is one ``PoissonSampled(q,
+    Gaussian(sigma))`` event, as :func:`record_privacy_events` records it.
+    """
+    central = config.privacy.client
+    federation = config.federation
+    if not central.enabled or central.target_epsilon is None or federation.secure_aggregation.enabled:
+        return None
+    spent = ledger.select(SERVER, "client")
+    release = DpEvent(server_round, SERVER, "client", central.noise_multiplier, federation.fraction_train, 1)
+    for left in range(federation.round_retries + 1):
+        epsilon = epsilon_of([*spent, *[release] * (left + 1)], central.delta, central.accountant)
+        if epsilon > central.target_epsilon:
+            return left
+    return federation.round_retries + 1
 
 
 def check_clamp_bound(config: Config, clamp: float) -> None:

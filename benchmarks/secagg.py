@@ -58,7 +58,7 @@ SECURE = "federation.secure_aggregation.enabled=true"
 def dp_overrides(clients: int) -> list[str]:
     """Client-side user-level DP (distributed Skellam noise) for ``clients`` clients.
 
-    Noise multiplier 1, clipping norm 2 (as dp-client.toml); delta 1 / (10 x clients)
+    Noise multiplier 1, clipping norm 2; delta 1 / (10 x clients)
     rounded down to a power of ten (1e-2 at 10 clients): a cost row, not a privacy
     recommendation.
     """

@@ -61,8 +61,15 @@ def test_a_hopeless_config_is_warned_at_start_and_kept_in_metrics(tiny_config_da
         # warned; with the default federation's shape (10 clients, batch 16) it would be.
         ("dp-example.toml", [], None),
         ("dp-example.toml", ["partition.num_clients=10", "train.batch_size=16"], "10 of 10 clients"),
-        # 10 clients under user-level DP end at chance and are warned.
-        ("dp-client.toml", [], "expected cohort 10"),
+        # dp-client as shipped (an expected cohort of 100, 3,074 coordinates) learns and
+        # is not warned; a cohort of 10 (the default federation's clients, all sampled)
+        # ended at chance and is warned.
+        ("dp-client.toml", [], None),
+        (
+            "dp-client.toml",
+            ["partition.num_clients=10", "federation.fraction_train=1.0", "adapter.r=8"],
+            "expected cohort 10",
+        ),
     ],
 )
 def test_the_shipped_dp_configs(name: str, overrides: list[str], warned: str | None) -> None:

@@ -13,7 +13,8 @@ what it can gain in a few rounds is mostly the answer format.
 Every row reports ``before`` (the base model: round 0 of the same run, the adapter at
 its initialisation, which adds nothing since LoRA's B starts at zero) and ``after``
 (the last round), both from the run's ``metrics.json``: the task score of greedy answers
-to the first test prompts, and the held-out response loss. Prints a table and writes
+to the first test prompts (for GSM8K also ``final_answer_rate``, the share of answers
+ending in ``#### n`` at all), and the held-out response loss. Prints a table and writes
 JSON whose ``rows`` carry ``task``, ``metric``, ``before``, ``after`` (means over
 ``seeds``), ``after_std``, ``seeds``, plus a few answers before and after training.
 Finished runs are reused (an interrupted benchmark resumes).
@@ -91,8 +92,8 @@ def run_task(task: Task, seed: int, out: Path, extra: list[str]) -> dict[str, An
     samples = json.loads((folder / "generations.json").read_text(encoding="utf-8"))
     last = metrics["rounds"][-1]
     return {
-        "before": metrics["initial"]["generation"][task.scorer],
-        "after": last["generation"][task.scorer],
+        "before": scores(metrics["initial"]["generation"]),
+        "after": scores(last["generation"]),
         "loss_before": metrics["initial"]["loss"],
         "loss_after": last["loss"],
         "samples_before": samples["0"],
@@ -102,20 +103,33 @@ def run_task(task: Task, seed: int, out: Path, extra: list[str]) -> dict[str, An
     }
 
 
+def scores(generation: dict[str, float]) -> dict[str, float]:
+    """A round's task scores (the scorer's and its companions), without the answer count."""
+    return {name: value for name, value in generation.items() if name != "examples"}
+
+
 def summarise(task: Task, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Two rows per task: its score and its held-out response loss."""
+    """A row per task score (``exact_match`` comes with ``final_answer_rate``) and the loss."""
     seeds = sorted(runs)
+    per_seed = {
+        s: {
+            "before": {**runs[s]["before"], "response_loss": runs[s]["loss_before"]},
+            "after": {**runs[s]["after"], "response_loss": runs[s]["loss_after"]},
+        }
+        for s in seeds
+    }
+    metrics = [
+        task.scorer,
+        *(m for m in per_seed[seeds[0]]["after"] if m not in (task.scorer, "response_loss")),
+    ]
     rows = []
-    for metric, before_key, after_key in (
-        (task.scorer, "before", "after"),
-        ("response_loss", "loss_before", "loss_after"),
-    ):
-        after = [runs[s][after_key] for s in seeds]
+    for metric in [*metrics, "response_loss"]:
+        after = [per_seed[s]["after"][metric] for s in seeds]
         rows.append(
             {
                 "task": task.name,
                 "metric": metric,
-                "before": statistics.fmean(runs[s][before_key] for s in seeds),
+                "before": statistics.fmean(per_seed[s]["before"][metric] for s in seeds),
                 "after": statistics.fmean(after),
                 "after_std": statistics.stdev(after) if len(after) > 1 else None,
                 "after_per_seed": after,

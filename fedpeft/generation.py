@@ -9,7 +9,7 @@ model is asked the way it was taught.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedpeft.config import InstructionConfig
 from fedpeft.data.chat_tokens import render, resolve_prompt_style
 from fedpeft.data.instructions import Chat
-from fedpeft.scoring import make_scorer
+from fedpeft.scoring import gives_final_answer, make_scorer
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,12 @@ class GenerationScore:
     examples: int
     samples: list[dict[str, str]]
     """The first few: ``prompt`` (the user turn), ``reference`` and ``generated``."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Companion scores: ``final_answer_rate`` beside ``exact_match`` on ``####`` answers."""
+
+    def metrics(self) -> dict[str, float]:
+        """What a round records: the score, its companions and the number of answers."""
+        return {self.scorer: self.score, **self.extra, "examples": float(self.examples)}
 
 
 def scorer_for(config: InstructionConfig) -> str | None:
@@ -123,8 +129,14 @@ def score_generations(
     answers = generate(model, tokenizer, prompts, config, device, config.max_new_tokens)
     score = make_scorer(scorer, label_words(config))
     scores = [score(answer, reference) for answer, reference in zip(answers, references, strict=True)]
+    extra = {}
+    if scorer == "exact_match":
+        given = [gives_final_answer(a, r) for a, r in zip(answers, references, strict=True)]
+        marked = [g for g in given if g is not None]
+        if marked:
+            extra["final_answer_rate"] = sum(marked) / len(marked)
     shown = [
         {"prompt": chat[-2]["content"], "reference": reference, "generated": answer}
         for chat, reference, answer in list(zip(chats, references, answers, strict=True))[:samples]
     ]
-    return GenerationScore(scorer, sum(scores) / len(scores), len(scores), shown)
+    return GenerationScore(scorer, sum(scores) / len(scores), len(scores), shown, extra)

@@ -3,6 +3,9 @@
 ``exact_match`` compares final answers: the text after the last ``####`` when the
 reference has one (GSM8K's worked solutions end in ``#### 72``), else the whole
 response, both normalised (case, spaces, commas in numbers, a trailing period).
+With a ``####`` in the references, ``exact_match`` comes with ``final_answer_rate``: the
+share of answers that end in a final answer at all (a small model fine-tuned for a few
+rounds learns the format long before it solves the problems).
 ``label`` asks which label word the answer names first (a classification posed as a
 question answered by a label word). ``rouge_l`` is the
 ROUGE-L F-measure (Lin, 2004) of Google's ``rouge-score``, as the attacks report it.
@@ -34,6 +37,13 @@ def exact_match(generated: str, reference: str) -> float:
     if _FINAL_MARK in reference and _FINAL_MARK not in generated:
         return 0.0
     return float(final_answer(generated) == final_answer(reference))
+
+
+def gives_final_answer(generated: str, reference: str) -> float | None:
+    """1.0 when an answer ends in ``#### something``; None when the reference has no mark."""
+    if _FINAL_MARK not in reference:
+        return None
+    return float(_FINAL_MARK in generated and bool(final_answer(generated)))
 
 
 def label_match(generated: str, reference: str, choices: Sequence[str] = ()) -> float:

@@ -42,6 +42,12 @@ def test_scores_come_with_readable_samples(tiny_llama_dir: Path) -> None:
     assert 0.0 <= result.score <= 1.0
     assert [s["prompt"] for s in result.samples] == ["a", "b"]
     assert all(s["reference"] == "four" for s in result.samples)
+    assert result.metrics() == {"exact_match": result.score, "examples": 4.0}
+    # GSM8K-style references: the share of answers that give a final answer comes along.
+    marked = [[*chat[:-1], {"role": "assistant", "content": "2 + 2\n#### 4"}] for chat in chats]
+    gsm = score_generations(model, tokenizer, marked, config, torch.device("cpu"))
+    assert gsm is not None and set(gsm.metrics()) == {"exact_match", "final_answer_rate", "examples"}
+    assert gsm.metrics()["final_answer_rate"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert (
         score_generations(
             model, tokenizer, chats, config.model_copy(update={"scorer": "none"}), torch.device("cpu")

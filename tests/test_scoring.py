@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedpeft.scoring import exact_match, final_answer, label_match, rouge_l
+from fedpeft.scoring import exact_match, final_answer, gives_final_answer, label_match, rouge_l
 
 
 def test_exact_match_compares_gsm8k_final_answers() -> None:
@@ -14,6 +14,14 @@ def test_exact_match_compares_gsm8k_final_answers() -> None:
     assert exact_match("72", reference) == 0.0
     assert exact_match("Paris.", "paris") == 1.0  # no mark: the whole, normalised
     assert final_answer("  The  Answer \n") == "the answer"
+
+
+def test_a_final_answer_is_given_when_a_marked_answer_ends_in_one() -> None:
+    reference = "48 / 2 = 24\n#### 72"
+    assert gives_final_answer("So 70 in all.\n#### 70", reference) == 1.0  # given, though wrong
+    assert gives_final_answer("So 72 in all.", reference) == 0.0
+    assert gives_final_answer("So 72 in all.\n####  ", reference) == 0.0  # a mark with nothing after
+    assert gives_final_answer("#### 72", "72") is None  # the task has no marked answers
 
 
 def test_label_match_takes_the_label_the_answer_names_first() -> None:

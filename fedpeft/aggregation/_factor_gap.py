@@ -36,6 +36,7 @@ Notes:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,48 +77,43 @@ class GapEstimate:
 
 
 class _CountSketchSide:
-    """One side's CountSketch for a batch of layers of one rank, applied to their stacked rows.
+    """One side's CountSketch of one layer: each of n coordinates to one of m signed buckets.
 
-    Each layer's n coordinates are permuted at random, padded to a multiple of m and
-    folded: coordinate j goes to bucket ``position(j) mod m`` with a random sign. The
-    layers' rows are stacked (``[X_1; ...; X_L; 0]``, the zero row for the padding), so
-    one gather, one sign flip and one scatter of m-row chunks sketch them all: 8 bytes
-    kept per coordinate (an int32 source row and a float32 sign).
+    Buckets come from a random permutation (position mod m), so every bucket holds
+    ``n / m`` coordinates, rounded, and two coordinates share one with probability at
+    most 1/m. The map is kept as an m x n CSR matrix (one signed 1 per column; int32
+    indices: 8 bytes a coordinate), so sketching a factor is one sparse-dense product in
+    the factor's own precision, with no permuted copy of it.
     """
 
-    def __init__(self, sizes: list[int], buckets: int, generator: torch.Generator) -> None:
-        self.buckets = buckets
-        self.layers = len(sizes)
-        sources, chunk_layers = [], []
-        offset, zero_row = 0, sum(sizes)
-        for layer, size in enumerate(sizes):
-            padded = -(-size // buckets) * buckets
-            order = torch.randperm(padded, generator=generator)
-            sources.append(torch.where(order < size, order + offset, zero_row))
-            chunk_layers.append(torch.full((padded // buckets,), layer))
-            offset += size
-        self.sources = torch.cat(sources).to(torch.int32)
-        # float32: a same-dtype multiply is several times faster than one by int8 signs.
-        self.signs = (torch.randint(0, 2, (len(self.sources),), generator=generator) * 2 - 1).to(
-            torch.float32
-        )
-        self.chunk_layers = torch.cat(chunk_layers)
+    def __init__(self, size: int, buckets: int, generator: torch.Generator) -> None:
+        bucket = torch.randperm(size, generator=generator) % buckets
+        signs = (torch.randint(0, 2, (size,), generator=generator) * 2 - 1).to(torch.float32)
+        order = torch.argsort(bucket, stable=True)
+        row_starts = torch.zeros(buckets + 1, dtype=torch.int64)
+        row_starts[1:] = torch.cumsum(torch.bincount(bucket, minlength=buckets), 0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.matrix = torch.sparse_csr_tensor(
+                row_starts.to(torch.int32),
+                order.to(torch.int32),
+                signs[order],
+                (buckets, size),
+                check_invariants=False,  # valid by construction; checking costs a pass
+            )
 
-    def fold(self, rows: Tensor) -> Tensor:
-        """``rows`` (sum of n + 1 x r, the last row zero) -> ``[S_1 X_1 ... S_L X_L]``, m x L r float64."""
-        rank = rows.shape[1]
-        mixed = (rows.index_select(0, self.sources) * self.signs.to(rows.dtype)[:, None]).to(torch.float64)
-        per_layer = torch.zeros(self.layers, self.buckets * rank, dtype=torch.float64)
-        per_layer.index_add_(0, self.chunk_layers, mixed.view(-1, self.buckets * rank))
-        return per_layer.view(self.layers, self.buckets, rank).transpose(0, 1).reshape(self.buckets, -1)
-
-
-_BATCH_VALUES = 2**18
-"""Factor values sketched per batch of layers: bounds the copies an update makes."""
+    def __call__(self, factor: Tensor) -> Tensor:
+        """``S X`` for X (n x r, possibly a transposed view): m x r, in X's dtype."""
+        matrix = self.matrix if factor.dtype == self.matrix.dtype else self.matrix.to(factor.dtype)
+        return matrix @ factor
 
 
 class FactorGapSketch:
     """The m x m sketch ``S_L (sum_i w_i blockdiag(dB_i dA_i)) S_R^T`` of a stream of updates.
+
+    Each update costs two sparse-dense products per LoRA pair (its B's rows and its A's
+    columns into m buckets, in the update's own precision) and one m x (sum of ranks)
+    product into the float64 core.
 
     Args:
         global_state: The round's global adapter (names and shapes).
@@ -132,31 +128,16 @@ class FactorGapSketch:
     ) -> None:
         generator = torch.Generator().manual_seed(seed)
         self.size = size
+        self.pairs = pairs
         self.shapes = {name: global_state[name].shape for p in pairs for name in (p.a, p.b)}
-        self.batches: list[tuple[list[LoraPair], _CountSketchSide, _CountSketchSide]] = []
-        batch: list[LoraPair] = []
-        for pair in sorted(pairs, key=lambda p: global_state[p.a].shape[0]):  # by rank
-            rank = global_state[pair.a].shape[0]
-            values = global_state[pair.a].numel() + global_state[pair.b].numel()
-            if batch and (
-                global_state[batch[0].a].shape[0] != rank
-                or sum(self._values(p) for p in batch) + values > _BATCH_VALUES
-            ):
-                self._close(batch, generator)
-                batch = []
-            batch.append(pair)
-        self._close(batch, generator)
+        self.sides = [
+            (
+                _CountSketchSide(self.shapes[p.b][0], size, generator),
+                _CountSketchSide(self.shapes[p.a][1], size, generator),
+            )
+            for p in pairs
+        ]
         self.core = torch.zeros(size, size, dtype=torch.float64)
-
-    def _values(self, pair: LoraPair) -> int:
-        """Factor values of one pair."""
-        return self.shapes[pair.a].numel() + self.shapes[pair.b].numel()
-
-    def _close(self, batch: list[LoraPair], generator: torch.Generator) -> None:
-        """Draw the two sides' sketches of one batch of layers."""
-        left = _CountSketchSide([self.shapes[p.b][0] for p in batch], self.size, generator)
-        right = _CountSketchSide([self.shapes[p.a][1] for p in batch], self.size, generator)
-        self.batches.append((batch, left, right))
 
     def _factor(self, delta: Mapping[str, Tensor], name: str) -> Tensor:
         """``delta[name]``, or zeros when the update leaves that factor unchanged."""
@@ -166,12 +147,10 @@ class FactorGapSketch:
     def _sides(self, delta: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``[S_L dB_1 ... S_L dB_L]`` and ``[S_R dA_1^T ... S_R dA_L^T]`` (each m x L r), float64."""
         lefts, rights = [], []
-        for pairs, left, right in self.batches:
-            b = [self._factor(delta, p.b) for p in pairs]
-            a = [self._factor(delta, p.a).T for p in pairs]
-            lefts.append(left.fold(torch.cat([*b, b[0].new_zeros(1, b[0].shape[1])])))
-            rights.append(right.fold(torch.cat([*a, a[0].new_zeros(1, a[0].shape[1])])))
-        return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+        for pair, (left, right) in zip(self.pairs, self.sides, strict=True):
+            lefts.append(left(self._factor(delta, pair.b)))
+            rights.append(right(self._factor(delta, pair.a).T))
+        return torch.cat(lefts, dim=1).to(torch.float64), torch.cat(rights, dim=1).to(torch.float64)
 
     def add(self, delta: Mapping[str, Tensor], weight: float) -> None:
         """Fold ``weight * blockdiag(dB dA)`` of one update into the core (absent factors are 0)."""
@@ -243,7 +222,7 @@ class RunningFactorAveragingError:
         """The error, exact or sketched.
 
         Args:
-            mean: name -> the weighted mean delta (same weights as :meth:`add`), float64;
+            mean: name -> the weighted mean delta (same weights as :meth:`add`);
                 the sketch needs it, the exact route recomputes it.
 
         """

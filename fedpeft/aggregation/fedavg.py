@@ -41,7 +41,7 @@ class FedAvg:
         return fold(self.accumulator(global_state, len(updates)), updates)
 
     def accumulator(self, global_state: Mapping[str, Tensor], cohort: int | None = None) -> FedAvgRound:
-        """A round that folds each update into float64 sums as it arrives."""
+        """A round that folds each update into running sums as it arrives."""
         return FedAvgRound(self, global_state, cohort)
 
     def state_dict(self) -> dict[str, Any]:
@@ -78,11 +78,10 @@ class FedAvgRound:
 
     def finish(self) -> AggregationResult:
         """Step the global state by the mean, with the round's diagnostics."""
-        mean64 = self.running.mean64()
-        mean = {name: t.to(self.running.dtypes[name]) for name, t in mean64.items()}
+        mean = self.running.mean()
         metrics = {}
         if self.gap is not None:
-            estimate = self.gap.finish(mean64)
+            estimate = self.gap.finish(mean)
             metrics["lora_factor_averaging_error"] = estimate.value
             metrics["lora_factor_averaging_error_relative_std"] = estimate.relative_std
         return AggregationResult(apply_delta(self.global_state, mean, self.fedavg.server_lr), metrics)

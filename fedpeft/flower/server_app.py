@@ -74,12 +74,12 @@ def score_answers(experiment: Experiment, server_round: int, out_dir: Path | Non
     if result is None:
         return {}
     if out_dir is None:
-        return {result.scorer: result.score, "examples": float(result.examples)}
+        return result.metrics()
     path = out_dir / "generations.json"
     shown = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     shown[str(server_round)] = result.samples
     write_json_atomic(path, shown)
-    return {result.scorer: result.score, "examples": float(result.examples)}
+    return result.metrics()
 
 
 def describe_perplexity(config: Config, loss: float) -> str:

@@ -215,14 +215,13 @@ class AdapterStrategy(Strategy):
         the global adapter (and the aggregator's state) stay as they were.
 
         Streaming: each accepted update goes into the round's accumulator (the
-        aggregator's own when it streams, DP-FedAvg's clipped float64 sum under
+        aggregator's own when it streams, DP-FedAvg's clipped sum under
         user-level DP) as soon as it is decoded, and is dropped; only rules that need
         every update at once (median, trimmed mean, Krum, ``lora_product``) keep them
         all. The replies are folded in the order of the client ids they claim (sorted
         before anything is decoded), so the same seeds give the same global adapter
-        bit for bit whatever order the replies arrived in; the sums are float64, so
-        another order would change them only by float64 rounding before the cast to
-        the adapter's dtype.
+        bit for bit whatever order the replies arrived in (another order would change
+        the sums by float rounding only).
         """
         ordered = sorted(replies, key=_fold_order)
         crafted = self.capture is not None and self.capture.crafts(server_round)

@@ -37,11 +37,12 @@ def updates(n: int = 4) -> list[ClientUpdate]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_order_invariance(name: str) -> None:
+    """To float32 rounding: the streaming rules sum in float32 (values here are about 1)."""
     base = random_state(0)
     forward = AGGREGATORS.build(name, {}, "x").aggregate(base, updates()).state
     backward = AGGREGATORS.build(name, {}, "x").aggregate(base, updates()[::-1]).state
     for key in base:
-        torch.testing.assert_close(forward[key], backward[key], rtol=0, atol=1e-7)
+        torch.testing.assert_close(forward[key], backward[key], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -103,7 +103,9 @@ class _CountSketchSide:
             )
 
     def __call__(self, factor: Tensor) -> Tensor:
-        """``S X`` for X (n x r, possibly a transposed view): m x r, in X's dtype."""
+        """``S X`` for X (n x r, possibly a transposed view): m x r, float32 or float64."""
+        if factor.dtype not in (torch.float32, torch.float64):
+            factor = factor.float()  # CPU sparse products have no half-precision kernels
         matrix = self.matrix if factor.dtype == self.matrix.dtype else self.matrix.to(factor.dtype)
         return matrix @ factor
 

@@ -197,6 +197,17 @@ def test_the_sketch_is_unbiased_and_within_its_bound() -> None:
     assert len({round(e, 12) for e in estimates}) > 1
 
 
+def test_half_precision_updates_are_sketched_as_their_float32_values() -> None:
+    """Decoded bfloat16/float16 updates: the sketch equals the one of their float32 values."""
+    base, deltas, weights = lora_cohort(5, 16, 12, 2, seed=3)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = [{k: v.to(dtype) for k, v in d.items()} for d in deltas]
+        widened = [{k: v.float() for k, v in d.items()} for d in low]
+        assert gap(base, low, weights, exact_values=0) == pytest.approx(
+            gap(base, widened, weights, exact_values=0), rel=1e-6
+        )
+
+
 def test_a_shared_a_factor_sketches_to_zero() -> None:
     """FFA-LoRA: no client changes A, so the gap is exactly zero, sketched or not."""
     base, deltas, weights = lora_cohort(10, 16, 12, 2, seed=2)

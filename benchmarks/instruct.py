@@ -92,10 +92,8 @@ def run_task(task: Task, seed: int, out: Path, extra: list[str]) -> dict[str, An
     samples = json.loads((folder / "generations.json").read_text(encoding="utf-8"))
     last = metrics["rounds"][-1]
     return {
-        "before": scores(metrics["initial"]["generation"]),
-        "after": scores(last["generation"]),
-        "loss_before": metrics["initial"]["loss"],
-        "loss_after": last["loss"],
+        "before": {**scores(metrics["initial"]["generation"]), "response_loss": metrics["initial"]["loss"]},
+        "after": {**scores(last["generation"]), "response_loss": last["loss"]},
         "samples_before": samples["0"],
         "samples_after": samples[str(last["round"])],
         "wall_seconds": run["wall_seconds"],
@@ -111,25 +109,15 @@ def scores(generation: dict[str, float]) -> dict[str, float]:
 def summarise(task: Task, runs: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """A row per task score (``exact_match`` comes with ``final_answer_rate``) and the loss."""
     seeds = sorted(runs)
-    per_seed = {
-        s: {
-            "before": {**runs[s]["before"], "response_loss": runs[s]["loss_before"]},
-            "after": {**runs[s]["after"], "response_loss": runs[s]["loss_after"]},
-        }
-        for s in seeds
-    }
-    metrics = [
-        task.scorer,
-        *(m for m in per_seed[seeds[0]]["after"] if m not in (task.scorer, "response_loss")),
-    ]
+    metrics = [task.scorer, *(m for m in runs[seeds[0]]["after"] if m != task.scorer)]
     rows = []
-    for metric in [*metrics, "response_loss"]:
-        after = [per_seed[s]["after"][metric] for s in seeds]
+    for metric in metrics:
+        after = [runs[s]["after"][metric] for s in seeds]
         rows.append(
             {
                 "task": task.name,
                 "metric": metric,
-                "before": statistics.fmean(per_seed[s]["before"][metric] for s in seeds),
+                "before": statistics.fmean(runs[s]["before"][metric] for s in seeds),
                 "after": statistics.fmean(after),
                 "after_std": statistics.stdev(after) if len(after) > 1 else None,
                 "after_per_seed": after,

@@ -139,6 +139,7 @@ def summarise(scenario: str, row: Row, runs: dict[int, dict[str, Any]]) -> dict[
         "workload": row.workload,
         "overrides": list(row.overrides),
         "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in runs.values()),
+        "wall_seconds_per_seed": [runs[s]["wall_seconds"] for s in sorted(runs)],
     }
 
 
@@ -201,10 +202,43 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def merge_rows(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``kept`` with each row that ``new`` has (same scenario and row) replaced, then the rest of ``new``."""
+    """``kept`` with each row that ``new`` has (same scenario and row) merged in, then the rest of ``new``."""
     fresh = {(r["scenario"], r["row"]): r for r in new}
-    merged = [fresh.pop((r["scenario"], r["row"]), r) for r in kept]
+    merged = [
+        merge_seeds(r, fresh.pop((r["scenario"], r["row"]))) if (r["scenario"], r["row"]) in fresh else r
+        for r in kept
+    ]
     return merged + list(fresh.values())
+
+
+def merge_seeds(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One row over the seeds of both, ``new``'s run winning a seed both have.
+
+    Only a row of the same runs (workload and overrides) gains seeds this way: the seeds
+    of a row whose recipe changed are dropped with it, so seeds of two recipes never
+    share a mean. The workload file's contents are not compared: change a row's recipe
+    in the file and rerun every seed.
+    """
+    if (old["workload"], old["overrides"]) != (new["workload"], new["overrides"]):
+        return new
+    old_walls = old.get("wall_seconds_per_seed") or [old["wall_seconds_mean"]] * len(old["seeds"])
+    accuracy = dict(zip(old["seeds"], old["accuracy_per_seed"], strict=True))
+    wall = dict(zip(old["seeds"], old_walls, strict=True))
+    accuracy.update(zip(new["seeds"], new["accuracy_per_seed"], strict=True))
+    wall.update(zip(new["seeds"], new["wall_seconds_per_seed"], strict=True))
+    seeds = sorted(accuracy)
+    accuracies = [accuracy[s] for s in seeds]
+    epsilons = [e for e in (old["epsilon"], new["epsilon"]) if e is not None]
+    return {
+        **new,
+        "epsilon": max(epsilons) if epsilons else None,
+        "seeds": seeds,
+        "accuracy_mean": statistics.fmean(accuracies),
+        "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+        "accuracy_per_seed": accuracies,
+        "wall_seconds_mean": statistics.fmean(wall[s] for s in seeds),
+        "wall_seconds_per_seed": [wall[s] for s in seeds],
+    }
 
 
 def main() -> None:
@@ -240,8 +274,8 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="keep the rows of an existing results file that this run does not redo "
-        "(rows can then be run with different seeds, one invocation each)",
+        help="keep the rows of an existing results file that this run does not redo, and "
+        "the other seeds of a row it does (so a row's seeds can be run one invocation each)",
     )
     args = parser.parse_args()
 

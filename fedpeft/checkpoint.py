@@ -54,6 +54,8 @@ class RoundCheckpoint:
         finished: True once the run completed its last round.
         node_clients: Flower node id -> the client id bound to it (deployment), so a
             resumed run still refuses a node speaking for another.
+        clipping_norm: User-level DP's C for the next round under adaptive clipping
+            (None: not adaptive).
 
     """
 
@@ -65,6 +67,7 @@ class RoundCheckpoint:
     history: RunHistory
     finished: bool = False
     node_clients: dict[int, int] = field(default_factory=dict)
+    clipping_norm: float | None = None
 
 
 def checkpoint_path(run_folder: Path) -> Path:
@@ -87,6 +90,7 @@ def save_checkpoint(run_folder: Path, checkpoint: RoundCheckpoint) -> Path:
         "ledger": checkpoint.ledger.to_json(),
         "history": json.dumps(checkpoint.history.to_dict()),
         "node_clients": json.dumps({str(node): client for node, client in checkpoint.node_clients.items()}),
+        "clipping_norm": checkpoint.clipping_norm,
     }
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -128,6 +132,8 @@ def load_checkpoint(run_folder: Path) -> RoundCheckpoint | None:
             finished=bool(data["finished"]),
             # Absent in checkpoints written before node binding: nothing was bound then.
             node_clients={int(k): int(v) for k, v in json.loads(data.get("node_clients", "{}")).items()},
+            # Absent in checkpoints written before adaptive clipping: none was adaptive.
+            clipping_norm=None if data.get("clipping_norm") is None else float(data["clipping_norm"]),
         )
     except CheckpointError:
         raise

@@ -455,7 +455,20 @@ class ClientPrivacyConfig(_Section):
     """Server-side user-level DP (DP-FedAvg): protects a whole client. Under secure aggregation
     the clients add the noise instead (Skellam shares, accounted at sample rate 1 with ``rdp``)."""
     clipping_norm: float = Field(default=1.0, gt=0)
-    """C: each sampled client's decoded update is clipped to this L2 norm."""
+    """C: each sampled client's decoded update is clipped to this L2 norm (under
+    ``adaptive_clipping``, C in the first round)."""
+    adaptive_clipping: bool = False
+    """Let C follow a quantile of the updates' norms (Andrew et al. 2021): each round the
+    server also releases the noised fraction of updates it left unclipped, at no extra
+    epsilon (the update's noise rises to pay for it; see :mod:`fedpeft.privacy.central`)."""
+    target_unclipped_quantile: float = Field(default=0.5, gt=0, lt=1)
+    """gamma: the fraction of updates adaptive clipping aims to leave unclipped (0.5: C
+    tracks the median norm)."""
+    clipping_norm_lr: float = Field(default=0.2, gt=0)
+    """eta_C: adaptive clipping's geometric step, ``C <- C exp(-eta_C (unclipped - gamma))``."""
+    clipped_count_stddev: float | None = Field(default=None, gt=0)
+    """sigma_b: the noise std on adaptive clipping's unclipped count. Unset: the expected
+    cohort q N / 20 (Andrew et al.). Must exceed noise_multiplier / 2."""
     noise_multiplier: float = Field(default=1.0, ge=0)
     """sigma: the noise added to the mean has std sigma C / (q N). Unset while
     ``target_epsilon`` is set: calibrated when the config is read (``fedpeft validate``
@@ -722,6 +735,11 @@ class Config(_Section):
                     f"privacy.client: the expected cohort federation.fraction_train x "
                     f"partition.num_clients = {expected:g} is below federation.min_train_clients "
                     f"= {self.federation.min_train_clients}; raise fraction_train or lower min_train_clients"
+                )
+            if central.adaptive_clipping and self.federation.secure_aggregation.enabled:
+                raise ValueError(
+                    "privacy.client.adaptive_clipping needs each update's norm on the server; under "
+                    "federation.secure_aggregation the clients clip to a fixed clipping_norm"
                 )
             if central.target_epsilon is not None and self.federation.secure_aggregation.enabled:
                 # The clients' Skellam shares are accounted by their own RDP, not the
@@ -1029,7 +1047,9 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
 
     build_peft_config(config.adapter, config.model.task)
     _check_extensions(config, source)
-    return _calibrate_client_noise(data, config, source)
+    config = _calibrate_client_noise(data, config, source)
+    _check_adaptive_clipping(config, source)
+    return config
 
 
 def _calibrate_client_noise(data: Mapping[str, Any], config: Config, source: str) -> Config:
@@ -1058,6 +1078,20 @@ def _calibrate_client_noise(data: Mapping[str, Any], config: Config, source: str
         raise ConfigError(f"{source}: privacy.client.target_epsilon: {err}") from None
     client = central.model_copy(update={"noise_multiplier": sigma})
     return config.model_copy(update={"privacy": config.privacy.model_copy(update={"client": client})})
+
+
+def _check_adaptive_clipping(config: Config, source: str) -> None:
+    """Refuse now a count noise too small for the (calibrated) noise multiplier."""
+    central = config.privacy.client
+    if not (central.enabled and central.adaptive_clipping):
+        return
+    from fedpeft.privacy.central import AdaptiveClipping  # local: it imports torch
+
+    expected = config.federation.fraction_train * config.partition.num_clients
+    try:
+        AdaptiveClipping.of(central, expected)
+    except ValueError as err:
+        raise ConfigError(f"{source}: privacy.client.adaptive_clipping: {err}") from None
 
 
 def _check_extensions(config: Config, source: str) -> None:

@@ -217,9 +217,15 @@ def _privacy_section(config: Config, privacy: Mapping[str, float]) -> str:
             "(Gaussian-equivalent, of the clients that reached each sum); no sampling amplification |"
         )
     elif "epsilon_client" in privacy:
+        clipping = (
+            f"adaptive clipping from {client.clipping_norm:g} toward the "
+            f"{client.target_unclipped_quantile:g} quantile of update norms"
+            if client.adaptive_clipping
+            else f"clipping_norm {client.clipping_norm:g}"
+        )
         rows.append(
             f"| client | {privacy['epsilon_client']:.4g} | {privacy['delta_client']:g} | "
-            f"`{client.accountant}` | DP-FedAvg on the server: clipping_norm {client.clipping_norm:g}, "
+            f"`{client.accountant}` | DP-FedAvg on the server: {clipping}, "
             f"noise_multiplier {client.noise_multiplier:g}, clients sampled by Poisson at "
             f"{config.federation.fraction_train:g} |"
         )

@@ -46,7 +46,7 @@ from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.models import load_adapter_state
 from fedpeft.privacy import PrivacyLedger
-from fedpeft.privacy.central import noisy_mean, poisson_sample
+from fedpeft.privacy.central import AdaptiveClipping, noisy_mean, poisson_sample
 from fedpeft.privacy.dp_sgd import train_local_private
 from fedpeft.training import make_loader, tokenize, train_local
 
@@ -150,6 +150,11 @@ def federate_shadow(experiment: Experiment, shadow: int) -> int:
     memories: dict[int, CodecMemory] = {c: {} for c in range(clients)}
     ledgers = {c: PrivacyLedger() for c in range(clients)}
     central = config.privacy.client if config.privacy.client.enabled else None
+    adaptive = (
+        AdaptiveClipping.of(central, federation.fraction_train * clients)
+        if central is not None and central.adaptive_clipping
+        else None
+    )
     crafted = set(config.capture.rounds) if config.capture.malicious else set()
     rng = random.Random(f"shadow-federation:{config.seed}:{shadow}")
     steps = 0
@@ -170,7 +175,9 @@ def federate_shadow(experiment: Experiment, shadow: int) -> int:
             updates.append(ClientUpdate(client_id, delta, result.num_examples))
             steps += result.steps
         if central is not None:
-            noised, _ = noisy_mean(updates, federation.fraction_train * clients, central, like=global_state)
+            noised, _ = noisy_mean(
+                updates, federation.fraction_train * clients, central, like=global_state, adaptive=adaptive
+            )
             updates = [noised]
         global_state = aggregator.aggregate(global_state, updates).state
     load_adapter_state(experiment.model.model, global_state)

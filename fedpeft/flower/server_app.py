@@ -40,6 +40,7 @@ from fedpeft.generation import score_generations
 from fedpeft.history import ClientRoundRecord, RoundRecord, RunHistory, write_json_atomic, write_text_atomic
 from fedpeft.model_card import render_model_card
 from fedpeft.models import AdapterState, base_model_nbytes, load_adapter_state, save_adapter, state_nbytes
+from fedpeft.privacy.central import AdaptiveClipping
 from fedpeft.privacy.distributed import delta_with_clamps
 from fedpeft.privacy.ledger import SERVER, DpEvent, PrivacyLedger, epsilon_of
 from fedpeft.privacy.snr import noise_warnings
@@ -153,6 +154,12 @@ def run_federation(
             config, payload_layout(experiment.codec, experiment.initial_state, context).size
         )
         check_clamp_bound(config, clamp)
+    central = config.privacy.client
+    if central.enabled and central.adaptive_clipping:
+        expected = config.federation.fraction_train * config.partition.num_clients
+        strategy.adaptive_clipping = AdaptiveClipping.of(central, expected)
+        if checkpoint is not None and checkpoint.clipping_norm is not None:
+            strategy.adaptive_clipping.clipping_norm = checkpoint.clipping_norm
     if checkpoint is not None:
         global_state = dict(checkpoint.global_state)
         ledger = checkpoint.ledger
@@ -178,6 +185,7 @@ def run_federation(
             history=history,
             finished=finished,
             node_clients=dict(strategy.node_clients),
+            clipping_norm=strategy.adaptive_clipping.clipping_norm if strategy.adaptive_clipping else None,
         )
         save_checkpoint(out_dir, checkpoint)
         write_views(out_dir, history, ledger)

@@ -48,7 +48,7 @@ from fedpeft.flower.replies import (
     reply_nbytes,
 )
 from fedpeft.history import ClientRoundRecord
-from fedpeft.privacy.central import NoisyMean, poisson_sample
+from fedpeft.privacy.central import AdaptiveClipping, NoisyMean, poisson_sample
 
 logger = logging.getLogger("fedpeft")
 
@@ -116,6 +116,9 @@ class AdapterStrategy(Strategy):
         self.aggregator = aggregator
         self.run_seed = run_seed
         self.central_privacy = central_privacy if central_privacy and central_privacy.enabled else None
+        self.adaptive_clipping: AdaptiveClipping | None = None
+        """Under ``privacy.client.adaptive_clipping``, the run's moving C (the ServerApp
+        sets it, and restores it from a checkpoint); None: C is the config's."""
         self.capture = capture
         self.sampled = 0
         self.run_key = ""
@@ -226,7 +229,7 @@ class AdapterStrategy(Strategy):
         ordered = sorted(replies, key=_fold_order)
         crafted = self.capture is not None and self.capture.crafts(server_round)
         private = (
-            NoisyMean(self.expected_clients, self.central_privacy, self._global)
+            NoisyMean(self.expected_clients, self.central_privacy, self._global, self.adaptive_clipping)
             if self.central_privacy is not None
             else None
         )

@@ -12,6 +12,21 @@ most C, so the noised mean is one Poisson-subsampled Gaussian mechanism
 mean the server releases. The noised mean is then what the configured aggregator
 (FedAvg, FedAdam, ...) steps with, so everything after it is post-processing.
 
+Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
+Clipping", NeurIPS 2021; ``privacy.client.adaptive_clipping``): a fixed C is either far
+above the updates' norms (noise std sigma C / (q N) wasted on headroom) or far below
+them (every update shrunk, its direction biased), and the right C moves as training
+goes. Each round the server also releases how many updates it did *not* clip, noised:
+``(sum_i (b_i - 1/2) + N(0, sigma_b^2)) / (q N) + 1/2`` with ``b_i = [||u_i|| <= C]``,
+and moves C geometrically toward the target quantile gamma of the norms,
+``C <- C exp(-eta_C (b - gamma))``. Adding or removing one client changes the clipped
+sum by at most C and the centred count by 1/2, so the pair is one Gaussian mechanism
+of multiplier ``(sigma_u^-2 + (2 sigma_b)^-2)^-1/2`` (their Theorem 1); the update's
+noise multiplier sigma_u is raised to keep that equal to the configured sigma
+(:func:`update_noise_multiplier`), and the ledger records ``PoissonSampled(q,
+Gaussian(sigma))`` for each release as without adaptive clipping. C itself is
+post-processing of earlier releases.
+
 Notes:
     The guarantee holds only if:
 
@@ -39,6 +54,7 @@ import math
 import random
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -66,6 +82,60 @@ def poisson_sample(nodes: Sequence[int], sample_rate: float, rng: random.Random 
     return sorted(node for node in nodes if sample_rate == 1 or draw.random() < sample_rate)
 
 
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """sigma_u: the update's noise multiplier that, with the count's std sigma_b, spends sigma.
+
+    Adaptive clipping releases the clipped sum (sensitivity C, noise sigma_u C) and the
+    centred unclipped count (sensitivity 1/2, noise sigma_b) together; as one Gaussian
+    mechanism their multiplier is ``(sigma_u^-2 + (2 sigma_b)^-2)^-1/2``, which this
+    solves for sigma_u so that it equals ``noise_multiplier``.
+
+    Raises:
+        ValueError: ``2 sigma_b <= sigma``: the count alone would spend the whole budget.
+
+    """
+    if not noise_multiplier > 0:
+        raise ValueError("adaptive clipping needs noise: noise_multiplier must be > 0")
+    if not 2 * count_stddev > noise_multiplier:
+        raise ValueError(
+            f"privacy.client.clipped_count_stddev = {count_stddev:g} leaves no budget for the "
+            f"update: it must exceed noise_multiplier / 2 = {noise_multiplier / 2:g} "
+            "(Andrew et al. suggest the expected cohort / 20)"
+        )
+    return (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
+
+
+@dataclass
+class AdaptiveClipping:
+    """The clipping norm C as it follows a quantile of the update norms, round by round.
+
+    Args:
+        clipping_norm: C for the next round (the config's ``clipping_norm`` at first).
+        target_unclipped_quantile: gamma: the fraction of updates C should leave unclipped.
+        learning_rate: eta_C of the geometric step.
+        count_stddev: sigma_b, the std of the noise on the unclipped count.
+
+    """
+
+    clipping_norm: float
+    target_unclipped_quantile: float
+    learning_rate: float
+    count_stddev: float
+
+    @classmethod
+    def of(cls, config: ClientPrivacyConfig, expected_clients: float) -> AdaptiveClipping:
+        """The start of a run under ``config`` (sigma_b: its value, or q N / 20)."""
+        stddev = config.clipped_count_stddev or expected_clients / 20
+        update_noise_multiplier(config.noise_multiplier, stddev)  # fail at start, not in round 1
+        return cls(config.clipping_norm, config.target_unclipped_quantile, config.clipping_norm_lr, stddev)
+
+    def step(self, noised_unclipped_fraction: float) -> None:
+        """``C <- C exp(-eta_C (b - gamma))``: shrink C when more than gamma went unclipped."""
+        self.clipping_norm *= math.exp(
+            -self.learning_rate * (noised_unclipped_fraction - self.target_unclipped_quantile)
+        )
+
+
 class NoisyMean:
     """DP-FedAvg's mean, streamed: clip and sum each update as it is decoded, noise once.
 
@@ -81,37 +151,51 @@ class NoisyMean:
         config: Clipping norm and noise multiplier.
         like: Names and shapes of the update's tensors (the global adapter): the sum
             starts from it, so a round with no update releases noise alone.
+        adaptive: Under adaptive clipping, the run's C and sigma_b: the mean is
+            clipped to its C, the noised unclipped fraction is released beside it, and
+            :meth:`finish` moves C with that fraction for the next round.
 
     """
 
     def __init__(
-        self, expected_clients: float, config: ClientPrivacyConfig, like: Mapping[str, Tensor]
+        self,
+        expected_clients: float,
+        config: ClientPrivacyConfig,
+        like: Mapping[str, Tensor],
+        adaptive: AdaptiveClipping | None = None,
     ) -> None:
         if not (math.isfinite(expected_clients) and expected_clients > 0):
             raise ValueError(f"expected_clients must be a positive number, got {expected_clients}")
         self.expected_clients = expected_clients
         self.config = config
+        self.adaptive = adaptive
+        self.clipping_norm = adaptive.clipping_norm if adaptive is not None else config.clipping_norm
         # float64: a low-precision running sum would lose small updates next to large ones.
         self.total = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
         self.norms: list[float] = []
 
     def add(self, update: ClientUpdate) -> None:
-        """Clip one update to ``clipping_norm`` and add it to the sum."""
+        """Clip one update to the round's C and add it to the sum."""
         norm = update_norm(update.delta)
-        for name, t in clip_update_norm(update.delta, self.config.clipping_norm).items():
+        for name, t in clip_update_norm(update.delta, self.clipping_norm).items():
             self.total[name] += t.to(torch.float64)
         self.norms.append(norm)
 
     def finish(self, generator: torch.Generator | None = None) -> tuple[ClientUpdate, dict[str, float]]:
         """The noised mean (float32 tensors; ``client_id`` -1) and its diagnostics.
 
+        Under adaptive clipping this is also where C takes its step (once per release).
+
         Args:
             generator: Noise source; None means fresh OS randomness.
 
         """
         generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
-        config, expected = self.config, self.expected_clients
-        std = config.noise_multiplier * config.clipping_norm / expected
+        config, expected, clip = self.config, self.expected_clients, self.clipping_norm
+        multiplier = config.noise_multiplier
+        if self.adaptive is not None:
+            multiplier = update_noise_multiplier(multiplier, self.adaptive.count_stddev)
+        std = multiplier * clip / expected
         mean = {
             name: (t / expected).float() + std * torch.randn(t.shape, generator=generator)
             for name, t in self.total.items()
@@ -121,11 +205,17 @@ class NoisyMean:
             "dp_clients": float(len(ordered)),
             "dp_expected_clients": float(expected),
             "dp_update_norm_median": ordered[len(ordered) // 2] if ordered else 0.0,
-            "dp_clipped_fraction": sum(n > config.clipping_norm for n in ordered) / len(ordered)
-            if ordered
-            else 0.0,
+            "dp_clipped_fraction": sum(n > clip for n in ordered) / len(ordered) if ordered else 0.0,
             "dp_noise_std": std,
+            "dp_clipping_norm": clip,
         }
+        if self.adaptive is not None:
+            # Only this noised count may steer C: the exact one is not private.
+            centred = sum(n <= clip for n in ordered) - len(ordered) / 2
+            noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+            noise *= self.adaptive.count_stddev
+            diagnostics["dp_unclipped_fraction_noised"] = (centred + noise) / expected + 0.5
+            self.adaptive.step(diagnostics["dp_unclipped_fraction_noised"])
         return ClientUpdate(client_id=-1, delta=mean, num_examples=1), diagnostics
 
 
@@ -135,6 +225,7 @@ def noisy_mean(
     config: ClientPrivacyConfig,
     generator: torch.Generator | None = None,
     like: Mapping[str, Tensor] | None = None,
+    adaptive: AdaptiveClipping | None = None,
 ) -> tuple[ClientUpdate, dict[str, float]]:
     """The DP-FedAvg mean of ``updates`` as one update, and diagnostics (:class:`NoisyMean` at once).
 
@@ -145,6 +236,7 @@ def noisy_mean(
         generator: Noise source; None means fresh OS randomness.
         like: Names and shapes of the update's tensors when ``updates`` is empty
             (the global adapter); the mean is then noise alone.
+        adaptive: Adaptive clipping's state; :meth:`NoisyMean.finish` steps it.
 
     Returns:
         The noised mean (float32 tensors; ``client_id`` -1) and its diagnostics.
@@ -155,7 +247,7 @@ def noisy_mean(
     template = updates[0].delta if updates else like
     if template is None:
         raise ValueError("no update to average and no shapes (like) to noise")
-    running = NoisyMean(expected_clients, config, template)
+    running = NoisyMean(expected_clients, config, template, adaptive)
     for update in updates:
         running.add(update)
     return running.finish(generator)

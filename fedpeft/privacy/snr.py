@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fedpeft.config import Config
+from fedpeft.privacy.central import AdaptiveClipping, update_noise_multiplier
 from fedpeft.privacy.dp_sgd import steps_per_round
 
 THRESHOLD = 1.0
@@ -99,12 +100,19 @@ def example_level(
 
 
 def client_level(config: Config, coordinates: int) -> NoiseToSignal:
-    """DP-FedAvg's ratio: noise sigma C / (q N) on the mean of q N clipped updates, once a round."""
+    """DP-FedAvg's ratio: noise sigma C / (q N) on the mean of q N clipped updates, once a round.
+
+    Under adaptive clipping sigma is the update's raised multiplier (the count takes its share).
+    """
     central = config.privacy.client
+    expected = config.federation.fraction_train * config.partition.num_clients
+    sigma = central.noise_multiplier
+    if central.adaptive_clipping:
+        sigma = update_noise_multiplier(sigma, AdaptiveClipping.of(central, expected).count_stddev)
     return NoiseToSignal(
         unit="client",
-        noise_multiplier=central.noise_multiplier,
-        expected_batch=config.federation.fraction_train * config.partition.num_clients,
+        noise_multiplier=sigma,
+        expected_batch=expected,
         coordinates=coordinates,
         steps=config.federation.rounds,
     )

@@ -184,10 +184,8 @@ def _client_dp(config: Config) -> str:
     client = config.privacy.client
     if not client.enabled:
         return "off"
-    return (
-        f"noise {client.noise_multiplier:g}, clipping_norm {client.clipping_norm:g}, "
-        f"delta {client.delta:g}, {client.accountant}"
-    )
+    clipping = f"clipping_norm {client.clipping_norm:g}" + (" (adaptive)" if client.adaptive_clipping else "")
+    return f"noise {client.noise_multiplier:g}, {clipping}, delta {client.delta:g}, {client.accountant}"
 
 
 _FINAL_HEADERS = [

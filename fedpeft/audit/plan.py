@@ -131,11 +131,4 @@ class AuditPlan:
     def partitions(self, config: PartitionConfig, seed: int) -> Partitions:
         """The partitions every client trains on: base partitions plus inserted rows."""
         base = self.base_partitions(config, seed)
-        parts = []
-        for client_id, part in enumerate(base.parts):
-            rows = self.inserted_rows(client_id)
-            if rows:
-                extra = datasets.Dataset.from_list(rows).cast(part.select_columns(list(rows[0])).features)
-                part = datasets.concatenate_datasets([part.select_columns(list(rows[0])), extra])
-            parts.append(part)
-        return Partitions(parts)
+        return base.with_rows({client_id: self.inserted_rows(client_id) for client_id in self.clients})

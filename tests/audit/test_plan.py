@@ -41,7 +41,7 @@ def test_plan_inserts_only_included_rows_into_audit_clients() -> None:
     parts = plan.partitions(partition, seed=0)
     base = plan.base_partitions(partition, seed=0)
     assert parts.sizes()[0] == base.sizes()[0] and parts.sizes()[2] == base.sizes()[2]
-    texts = [t for p in parts.parts for t in p["text"]]
+    texts = [t for p in parts for t in p["text"]]
     for example in plan.examples:
         assert texts.count(example.text) == (1 if example.included else 0)
     for canary in plan.canaries:

@@ -45,7 +45,7 @@ def test_a_shadow_plan_plants_its_half_and_keeps_the_canaries(
     assert plan is not None
     mask = [i % 3 == 0 for i in range(len(plan.examples))]
     shadow = experiment.with_audit_plan(plan.with_membership(mask))
-    texts = [t for part in shadow.partitions.parts for t in part["text"]]
+    texts = [t for part in shadow.partitions for t in part["text"]]
     for example, inside in zip(plan.examples, mask, strict=True):
         assert texts.count(example.text) == int(inside)
     for canary in plan.canaries:

@@ -253,7 +253,7 @@ def test_loading_gives_chats_and_their_plain_text(tmp_path: Path) -> None:
     assert data.train[0]["text"] == plain_text(data.train[0][MESSAGES])
     # Dirichlet over a category column rather than a label.
     parts = partition_dataset(data.train, config.partition, seed=0)
-    assert sum(len(p) for p in parts.parts) == 12
+    assert sum(len(p) for p in parts) == 12
     missing = tmp_path / "bad.jsonl"
     missing.write_text(json.dumps({"question": "q"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match="column 'answer' not found"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import HttpGrid
 from torch import Tensor
 
 import fedpeft
@@ -28,6 +29,7 @@ from fedpeft.data.instructions import MESSAGES
 from fedpeft.errors import ConfigError, FedPeftError
 from fedpeft.experiment import Experiment
 from fedpeft.flower.deployment import with_deployment_defaults
+from fedpeft.flower.prompt_grid import PromptGrid
 from fedpeft.flower.records import record_to_state, state_to_record
 from fedpeft.flower.run_config import (
     config_from_run_config,
@@ -551,7 +553,8 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         history = run_federation(
-            grid,
+            # Deployed, Flower's Grid pulls replies every 3 s; the simulation's every 0.1 s.
+            PromptGrid(grid) if isinstance(grid, HttpGrid) else grid,
             config_for(context),
             out_dir_for(context),
             resume=resume_for(context),

@@ -70,6 +70,7 @@ def build_client_app(
     torch_threads: int | None = None,
     mods: list[Mod] | None = None,
     batch_records_for: Callable[[Context], Path | None] | None = None,
+    state_dir: Path | None = None,
 ) -> ClientApp:
     """A ClientApp whose config comes from ``config_for(context)``.
 
@@ -85,6 +86,9 @@ def build_client_app(
             drew in captured rounds, so that attacks on its update can be scored
             (:mod:`fedpeft.attacks.drawn_batches`); the simulation passes its capture
             folder. None (real SuperNodes): no record is written.
+        state_dir: Where every client keeps its state between rounds, in place of the
+            node config's ``state-dir`` (:mod:`fedpeft.flower.client_state`); the
+            simulation passes one inside its run folder.
 
     """
     # SecAgg+ rounds pass through Flower's mod (inside any other mod, so that fault
@@ -117,7 +121,7 @@ def build_client_app(
         # composes over every round it takes part in (across a resumed run too, with
         # the node config state-dir).
         try:
-            state = load_client_state(context, run_key)
+            state = load_client_state(context, run_key, state_dir)
         except ClientStateError as err:  # a bad run key, or a ledger no copy of which is readable
             return decline(msg, str(err))
         try:
@@ -134,7 +138,7 @@ def build_client_app(
             # Not a failure: the client keeps its promise. Say so instead of raising,
             # which Flower would log as a crash with a traceback.
             return decline(msg, str(err))
-        save_client_state(context, run_key, state)
+        save_client_state(context, run_key, state, state_dir)
         records = batch_records_for(context) if batch_records_for is not None else None
         captured = server_round in config.capture.rounds and (
             not config.capture.clients or client_id in config.capture.clients

@@ -1,11 +1,15 @@
 """What a client keeps between rounds: its codec memory and its own DP ledger.
 
 Flower keeps a client's ``Context.state`` per Flower run, and a resumed run (``--resume``)
-is a new Flower run. So a SuperNode started with the node config ``state-dir`` also
-keeps both in files under ``<state-dir>/<run key>/client-<id>/``, where the run key is
-the id the server gives a run when it starts and keeps in its checkpoint: the SuperNode that
-serves the resumed run continues the same error-feedback residuals and the same
-epsilon, with no round counted twice or lost.
+is a new Flower run. So a SuperNode started with the node config ``state-dir`` keeps
+both in files under ``<state-dir>/<run key>/client-<id>/`` instead, where the run key
+is the id the server gives a run when it starts and keeps in its checkpoint: the
+SuperNode that serves the resumed run continues the same error-feedback residuals and
+the same epsilon, with no round counted twice or lost. A simulation keeps every
+virtual client's state there too (``<run folder>/client-state``): Flower holds all of
+its virtual clients' contexts in the simulation's process, which would otherwise grow
+by an adapter's worth of residuals for every client that ever trained; on disk, a
+round reads and writes the state of its cohort only.
 
 Each file is written twice, ``<file>.bak`` first, each to a temporary file that is
 fsynced before it is renamed into place (and the folder after), so a power loss leaves
@@ -69,8 +73,10 @@ class ClientState:
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
 
 
-def state_folder(context: Context, run_key: str) -> Path | None:
+def state_folder(context: Context, run_key: str, state_dir: Path | None = None) -> Path | None:
     """``<state-dir>/<run key>/client-<id>`` when the node keeps state on disk, else None.
+
+    ``state_dir`` (the simulation's) takes the place of the node config's ``state-dir``.
 
     The client id is part of the path so that SuperNodes sharing one ``state-dir`` on a
     machine never read each other's state.
@@ -81,7 +87,7 @@ def state_folder(context: Context, run_key: str) -> Path | None:
         ConfigError: The node config's ``partition-id`` is not an integer >= 0.
 
     """
-    state_dir = context.node_config.get("state-dir")
+    state_dir = state_dir or context.node_config.get("state-dir")  # type: ignore[assignment]
     if state_dir is None or not run_key:
         return None
     if not RUN_KEY.fullmatch(run_key):
@@ -99,38 +105,35 @@ def state_folder(context: Context, run_key: str) -> Path | None:
     return folder
 
 
-def load_client_state(context: Context, run_key: str) -> ClientState:
-    """The run's state from ``context.state``, or from ``state-dir`` in a new Flower run.
+def load_client_state(context: Context, run_key: str, state_dir: Path | None = None) -> ClientState:
+    """The run's state from its files with a state folder (see :func:`state_folder`), else ``context.state``.
 
     Raises:
         ClientStateError: The ledger file exists but neither it nor its backup can be
             read (see the module's notes), or the run key is malformed.
 
     """
+    folder = state_folder(context, run_key, state_dir)
+    if folder is not None:
+        return ClientState(_load_memory(folder / MEMORY_FILE), _load_ledger(folder / LEDGER_FILE))
     stored = context.state.array_records.get(CODEC_MEMORY)
     ledger_record = context.state.config_records.get(PRIVACY_LEDGER)
-    state = ClientState(
+    return ClientState(
         memory=record_to_state(stored) if stored is not None else {},
         ledger=PrivacyLedger.from_json(str(ledger_record["events"])) if ledger_record else PrivacyLedger(),
     )
-    folder = state_folder(context, run_key)
-    if folder is None:
-        return state
-    if stored is None:
-        state.memory = _load_memory(folder / MEMORY_FILE)
-    if ledger_record is None:
-        state.ledger = _load_ledger(folder / LEDGER_FILE)
-    return state
 
 
-def save_client_state(context: Context, run_key: str, state: ClientState) -> None:
-    """Keep ``state`` in ``context.state`` and, with ``state-dir``, in its files (durably)."""
-    if state.memory:
-        context.state[CODEC_MEMORY] = state_to_record(state.memory)
-    if state.ledger.events:
-        context.state[PRIVACY_LEDGER] = ConfigRecord({"events": state.ledger.to_json()})
-    folder = state_folder(context, run_key)
+def save_client_state(
+    context: Context, run_key: str, state: ClientState, state_dir: Path | None = None
+) -> None:
+    """Keep ``state`` in its files (durably) with a state folder, else in ``context.state``."""
+    folder = state_folder(context, run_key, state_dir)
     if folder is None:
+        if state.memory:
+            context.state[CODEC_MEMORY] = state_to_record(state.memory)
+        if state.ledger.events:
+            context.state[PRIVACY_LEDGER] = ConfigRecord({"events": state.ledger.to_json()})
         return
     folder.mkdir(parents=True, exist_ok=True)
     if state.memory:

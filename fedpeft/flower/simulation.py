@@ -61,6 +61,8 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False, resume:
         lambda _: config,
         torch_threads=max(1, int(config.simulation.num_cpus_per_client)),
         batch_records_for=lambda _: out_dir / "captures",
+        # On disk, not in Flower's contexts: those of every virtual client live in this process.
+        state_dir=out_dir / "client-state",
     )
     backend_config = {
         "client_resources": {

@@ -33,7 +33,10 @@ def node(state_dir: Path, partition: object = 0) -> Context:
 
 def ledger_of(rounds: int) -> PrivacyLedger:
     return PrivacyLedger(
-        [DpEvent(round=r, party="0", unit="example", noise_multiplier=1.0, sample_rate=0.1, steps=5) for r in range(1, rounds + 1)]
+        [
+            DpEvent(round=r, party="0", unit="example", noise_multiplier=1.0, sample_rate=0.1, steps=5)
+            for r in range(1, rounds + 1)
+        ]
     )
 
 
@@ -47,7 +50,17 @@ def saved(tmp_path: Path, rounds: int = 2) -> Path:
 
 @pytest.mark.parametrize(
     "key",
-    ["../../..", "..", "/etc", "../" + KEY, KEY + "/../..", KEY.upper(), str(uuid.uuid4()), KEY[:-1], KEY + "0"],
+    [
+        "../../..",
+        "..",
+        "/etc",
+        "../" + KEY,
+        KEY + "/../..",
+        KEY.upper(),
+        str(uuid.uuid4()),
+        KEY[:-1],
+        KEY + "0",
+    ],
 )
 def test_a_run_key_not_shaped_like_the_servers_is_refused(tmp_path: Path, key: str) -> None:
     state_dir = tmp_path / "state"
@@ -100,7 +113,7 @@ def test_every_state_file_and_its_folder_are_fsynced(tmp_path: Path, monkeypatch
     assert synced.count(str(folder)) >= 4
 
 
-@pytest.mark.parametrize("damage", [b"", b"[{\"round\": 1", b"\xff\xfe", b"{}", b"[1, 2]"])
+@pytest.mark.parametrize("damage", [b"", b'[{"round": 1', b"\xff\xfe", b"{}", b"[1, 2]"])
 def test_an_unreadable_ledger_is_recovered_from_its_backup(tmp_path: Path, damage: bytes) -> None:
     folder = saved(tmp_path, rounds=3)
     (folder / LEDGER_FILE).write_bytes(damage)  # what a power loss without fsync leaves
@@ -139,9 +152,10 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_whole(tmp_path: Path) ->
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 
 
-
 @pytest.mark.parametrize("key", ["../../..", "/tmp/x"])
-def test_a_client_declines_a_round_whose_run_key_is_bad(tiny_config_data: dict, tmp_path: Path, key: str) -> None:
+def test_a_client_declines_a_round_whose_run_key_is_bad(
+    tiny_config_data: dict, tmp_path: Path, key: str
+) -> None:
     from flwr.app import ConfigRecord, Message, MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -163,3 +177,24 @@ def test_a_client_declines_a_round_whose_run_key_is_bad(tiny_config_data: dict, 
     reply = build_client_app(lambda _: experiment.config)(message, node(tmp_path / "state"))
     assert f"run key {key!r}" in str(reply.content.config_records[DECLINED]["reason"])
     assert not (tmp_path / "state").exists() and not any(tmp_path.rglob(LEDGER_FILE))
+
+
+def test_with_a_state_folder_the_state_lives_on_disk_only(tmp_path: Path) -> None:
+    # Flower keeps every virtual client's context in the simulation's process: state put
+    # there would grow it by a client's residuals for every client that ever trained.
+    context = node(tmp_path)
+    state = ClientState(memory={"w": torch.ones(3)}, ledger=ledger_of(1))
+    save_client_state(context, KEY, state)
+    assert not context.state.array_records and not context.state.config_records
+    assert torch.equal(load_client_state(node(tmp_path), KEY).memory["w"], torch.ones(3))
+
+
+def test_the_simulations_state_dir_stands_in_for_the_node_configs(tmp_path: Path) -> None:
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 4}, state=RecordDict(), run_config={})  # type: ignore[arg-type]
+    save_client_state(context, KEY, ClientState(ledger=ledger_of(2)), state_dir=tmp_path)
+    assert (tmp_path / KEY / "client-4" / LEDGER_FILE).is_file()
+    assert load_client_state(context, KEY, state_dir=tmp_path).ledger.events == ledger_of(2).events
+    # Without any state folder the state stays in Flower's context, as before.
+    bare = Context(run_id=1, node_id=1, node_config={"partition-id": 4}, state=RecordDict(), run_config={})  # type: ignore[arg-type]
+    save_client_state(bare, KEY, ClientState(ledger=ledger_of(2)))
+    assert load_client_state(bare, KEY).ledger.events == ledger_of(2).events

@@ -15,12 +15,12 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.proto.node_pb2 import NodeInfo  # type: ignore[attr-defined]
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from fedpeft.flower.grid_delegate import DelegatingGrid
 
 
-class PromptGrid(Grid):
+class PromptGrid(DelegatingGrid):
     """``grid`` with :meth:`send_and_receive` pulling at 20 ms to 0.2 s intervals.
 
     Args:
@@ -59,26 +59,3 @@ class PromptGrid(Grid):
             waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
             wait = min(2 * wait, self.longest_wait)
         return replies
-
-    # Grid's other methods, as the wrapped Grid does them.
-    def set_run(self, run: Run) -> None:  # noqa: D102
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:  # noqa: D102
-        return self.grid.run
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # noqa: D102
-        return self.grid.create_message(*args, **kwargs)  # type: ignore[arg-type]
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:  # noqa: D102
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.grid.pull_messages(message_ids)

@@ -66,6 +66,7 @@ from fedpeft.codecs import CodecContext, UpdateCodec
 from fedpeft.codecs.base import check_decoded_delta
 from fedpeft.config import Config
 from fedpeft.errors import PayloadError
+from fedpeft.flower.grid_delegate import DelegatingGrid
 from fedpeft.flower.payload_layout import PayloadLayout
 from fedpeft.flower.records import GLOBAL_ADAPTER, ROUND_CONFIG, content_nbytes
 from fedpeft.flower.replies import clip_text, npy_to_array, reply_nbytes
@@ -218,7 +219,7 @@ class _RoundCohort(LegacyStrategy):
 
 
 @dataclass
-class ProtocolGrid(Grid):
+class ProtocolGrid(DelegatingGrid):
     """The grid SecAgg+ sends through: fedpeft's records in, bytes counted, replies checked.
 
     Args:
@@ -341,26 +342,6 @@ class ProtocolGrid(Grid):
                 )
             unpacked.append(ndarray_to_bytes(array.astype(np.int64)))
         return unpacked
-
-    # Grid's other methods: the workflow only sends and receives, but a Grid is whole.
-    def set_run(self, run: object) -> None:  # noqa: D102
-        self.grid.set_run(run)  # type: ignore[arg-type]
-
-    @property
-    def run(self) -> object:  # type: ignore[override]  # noqa: D102
-        return self.grid.run
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # noqa: D102
-        return self.grid.create_message(*args, **kwargs)  # type: ignore[arg-type]
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self.grid.pull_messages(message_ids)
 
 
 def _check_bytes(value: object, key: str) -> None:

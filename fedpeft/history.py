@@ -46,6 +46,10 @@ class RoundRecord:
     seconds: float
     train_loss: float | None
     """Example-weighted over the clients that sent one; None when none did."""
+    train_phase_seconds: float | None = None
+    """Of ``seconds``, the federated part: from sending the round's messages to the
+    aggregated adapter (client work, transport, decoding, aggregation); the rest is the
+    central evaluation and checkpointing. None in metrics written before it existed."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
     per_client: list[ClientRoundRecord] = field(default_factory=list)
     aggregation: dict[str, float] = field(default_factory=dict)

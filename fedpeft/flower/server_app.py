@@ -224,6 +224,7 @@ def run_federation(
         global_state, traffic, trained = train_round(
             grid, strategy, config, server_round, global_state, progress, secure, secure_events, releases_left
         )
+        train_phase_seconds = time.monotonic() - started
         result = evaluate_state(experiment, global_state)
         generation = score_answers(experiment, server_round, out_dir)
         record = RoundRecord(
@@ -235,6 +236,7 @@ def run_federation(
             clients=len(traffic.clients),
             seconds=time.monotonic() - started,
             train_loss=mean_train_loss(traffic.clients),
+            train_phase_seconds=train_phase_seconds,
             rejected=traffic.rejected,
             per_client=sorted(traffic.clients, key=lambda c: c.client_id),
             aggregation={**stage_metrics, **(traffic.aggregation.metrics if traffic.aggregation else {})},

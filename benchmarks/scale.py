@@ -1,4 +1,5 @@
-"""Server memory and time of one aggregation at cohort scale: streaming against batch.
+"""Cross-device scale: one aggregation at cohort scale (streaming against batch), and
+thousands of simulated clients (``_scale_simulation.py``; ``--part simulation``).
 
 An LLM-shaped adapter (LoRA r = 8 on ``--pairs`` square d x d projections, d = 4096:
 16 pairs = 1 M parameters, 4 MiB of float32) and FedAvg with every default
@@ -16,9 +17,10 @@ decoded reply is; its creation is not timed.
   and the exact error in rank space (``weighted_mean`` + ``factor_averaging_error``),
   at ``--batch-clients`` (1,000 x 4 MiB would hold 4 GiB of updates on a 2-core box).
 
-Prints a table, writes JSON.
+Prints a table, writes JSON; ``--part`` runs one half and keeps the other's results.
 
     python benchmarks/scale.py --out docs/figures/scale.json
+    python benchmarks/scale.py --part simulation --out docs/figures/scale.json
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paths import repo_relative
+from _scale_simulation import BASE, ROWS, run_all
 
 from fedpeft.aggregation import ClientUpdate, FedAvg
 from fedpeft.aggregation._lora import factor_averaging_error
@@ -160,11 +163,79 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per measurement")
     parser.add_argument("--measure", choices=["stream", "batch"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/scale.json"))
+    parser.add_argument(
+        "--part",
+        choices=["aggregation", "simulation", "all"],
+        default="all",
+        help="run one half; the other half's rows and summary keys in --out are kept",
+    )
+    parser.add_argument(
+        "--sim-rounds", type=int, default=3, help="rounds per simulation row (the first is not measured)"
+    )
+    parser.add_argument(
+        "--sim-runs", type=Path, default=Path("runs/bench/scale-simulation"), help="run folders"
+    )
+    parser.add_argument(
+        "--dp-utility",
+        type=Path,
+        default=Path("docs/figures/dp_utility.json"),
+        help="results of benchmarks/dp_utility.py --scenario cross-device, summarised here",
+    )
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.clients, args)))
         return
 
+    result = json.loads(args.out.read_text()) if args.out.is_file() and args.part != "all" else {}
+    summary = dict(result.get("summary", {}))
+    if args.part in ("aggregation", "all"):
+        half = aggregation(args)
+        summary.update(half.pop("summary"))
+        result.update(half)
+    if args.part in ("simulation", "all"):
+        workers = max(1, int((os.cpu_count() or 1) // BASE["simulation"]["num_cpus_per_client"]))
+        half = run_all(ROWS, args.sim_rounds, workers, args.sim_runs)
+        summary.update(half.pop("simulation_summary"))
+        result.update(half)
+        result["simulation_command"] = (
+            f"python benchmarks/scale.py --part simulation --sim-rounds {args.sim_rounds} "
+            f"--sim-runs {repo_relative(args.sim_runs)} --out {repo_relative(args.out)}"
+        )
+    summary.update(showcase(args.dp_utility))
+    result["summary"] = summary
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {repo_relative(args.out)}")
+
+
+def showcase(path: Path) -> dict[str, Any]:
+    """User-level DP at scale (the cross-device rows of ``benchmarks/dp_utility.py``)."""
+    if not path.is_file():
+        return {}
+    rows = {r["row"]: r for r in json.loads(path.read_text())["rows"] if r["scenario"] == "cross-device"}
+    if "user-eps-8" not in rows:
+        return {}
+    by_users = {"1000": rows["user-eps-8"]}
+    by_users.update(
+        {
+            users: rows[f"user-eps-8-{users}-users"]
+            for users in ("5000", "10000")
+            if f"user-eps-8-{users}-users" in rows
+        }
+    )
+    summary: dict[str, Any] = {
+        "user_dp_eps8_accuracy": rows["user-eps-8"]["accuracy_mean"],
+        "user_dp_eps8_seeds": rows["user-eps-8"]["seeds"],
+        "user_dp_eps8_accuracy_by_users": {u: r["accuracy_mean"] for u, r in by_users.items()},
+        "user_dp_source": repo_relative(path),
+    }
+    if "no-dp" in rows:
+        summary["user_dp_no_dp_accuracy"] = rows["no-dp"]["accuracy_mean"]
+    return summary
+
+
+def aggregation(args: argparse.Namespace) -> dict[str, Any]:
+    """Streaming against batch aggregation of an LLM-shaped adapter (the first half)."""
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     rows = [
@@ -182,8 +253,8 @@ def main() -> None:
             f"{r['lora_factor_averaging_error']:>10.3e} {r['lora_factor_averaging_error_relative_std']:>8.3f}"
         )
     stream, small, batch = rows
-    result = {
-        "command": f"python benchmarks/scale.py --clients {args.clients} --batch-clients {args.batch_clients} "
+    return {
+        "command": f"python benchmarks/scale.py --part aggregation --clients {args.clients} --batch-clients {args.batch_clients} "
         f"--d {args.d} --pairs {args.pairs} --rank {args.rank} --threads {args.threads} "
         f"--out {repo_relative(args.out)}",
         "cpu_count": os.cpu_count(),
@@ -207,9 +278,6 @@ def main() -> None:
             "under_load is true",
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {repo_relative(args.out)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedpeft.errors import ClientStateError
+from fedpeft.flower import client_state
 from fedpeft.flower.client_state import (
     LEDGER_FILE,
     MEMORY_FILE,
@@ -21,6 +22,13 @@ from fedpeft.flower.client_state import (
 )
 from fedpeft.history import write_json_atomic, write_text_atomic
 from fedpeft.privacy.ledger import DpEvent, PrivacyLedger
+from tests.flower.test_checkpoint_resume import (
+    InProcessGrid,
+    app_for,
+    config_for,
+    run,
+    server_identity,  # noqa: F401 - an autouse fixture, imported to apply here
+)
 
 KEY = uuid.uuid4().hex
 
@@ -198,3 +206,39 @@ def test_the_simulations_state_dir_stands_in_for_the_node_configs(tmp_path: Path
     bare = Context(run_id=1, node_id=1, node_config={"partition-id": 4}, state=RecordDict(), run_config={})  # type: ignore[arg-type]
     save_client_state(bare, KEY, ClientState(ledger=ledger_of(2)))
     assert load_client_state(bare, KEY).ledger.events == ledger_of(2).events
+
+
+def test_only_the_sampled_cohorts_state_is_ever_loaded(
+    tiny_config_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory and disk reads grow with the cohort, not with every client that exists.
+    six_clients = {**tiny_config_data, "partition": {"scheme": "iid", "num_clients": 6}}
+    config = config_for(
+        six_clients, codec="topk", codec_options={"density": 0.1}, fraction_train=0.5, rounds=2
+    )
+    loaded: list[int] = []
+    real_load = client_state.load_client_state
+
+    def spy(context: Context, *args: object, **kwargs: object) -> ClientState:
+        loaded.append(int(context.node_config["partition-id"]))  # type: ignore[arg-type]
+        return real_load(context, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client_state, "load_client_state", spy)
+    nodes = {100 + i: {"partition-id": i, "state-dir": str(tmp_path / "state")} for i in range(6)}
+    grid = InProcessGrid(app_for(config), nodes)
+    sent: list[int] = []
+    deliver = grid.send_and_receive
+
+    def record(messages, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        sent.extend(nodes[m.metadata.dst_node_id]["partition-id"] for m in messages)
+        return deliver(messages, timeout)
+
+    grid.send_and_receive = record  # type: ignore[method-assign]
+    history = run(config, tmp_path / "run", grid)
+
+    trained = [c.client_id for r in history.rounds for c in r.per_client]
+    assert [r.clients for r in history.rounds] == [3, 3]
+    assert sorted(loaded) == sorted(sent) == sorted(trained)
+    on_disk = {int(p.name.removeprefix("client-")) for p in (tmp_path / "state").glob("*/client-*")}
+    assert on_disk == set(trained)

@@ -42,6 +42,22 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="a config with privacy.example enabled")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     parser.add_argument("--json", type=Path, help="write the per-round accuracy and loss here")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="ROUNDS",
+        help="stop after this many rounds; the noise stays calibrated to federation.rounds",
+    )
+    parser.add_argument(
+        "--no-noise",
+        action="store_true",
+        help="clip but add no noise (sigma 0): what the recipe does without the noise",
+    )
+    parser.add_argument(
+        "--head-only",
+        action="store_true",
+        help="train only the classifier head, LoRA frozen (a DP linear probe)",
+    )
     args = parser.parse_args()
 
     data = apply_overrides(tomllib.loads(args.config.read_text(encoding="utf-8")), args.set)
@@ -50,17 +66,21 @@ def main() -> None:
         parser.error("the probe runs DP-SGD clients: enable privacy.example")
     experiment = Experiment(config)
     model, device = experiment.model.model, experiment.device
-    noise = experiment.privacy_plan
+    noise = {client: 0.0 for client in experiment.privacy_plan} if args.no_noise else experiment.privacy_plan
+    lora = [param for name, param in model.named_parameters() if "lora_" in name]
     sizes = experiment.partitions.sizes()
     print(f"clients {sizes}, noise multipliers {[round(noise[c], 3) for c in range(len(sizes))]}", flush=True)
 
     aggregator = experiment.new_aggregator()
     state = experiment.initial_state
     rounds, start = [], time.perf_counter()
-    for server_round in range(1, config.federation.rounds + 1):
+    last_round = min(config.federation.rounds, args.stop_after or config.federation.rounds)
+    for server_round in range(1, last_round + 1):
         updates = []
         for client_id, size in enumerate(sizes):
             load_adapter_state(model, state)
+            for param in lora:  # frozen for training only: the delta keeps every tensor
+                param.requires_grad_(not args.head_only)
             train_local_private(
                 model,
                 experiment.tokenized_partition(client_id),
@@ -71,6 +91,8 @@ def main() -> None:
                 noise[client_id],
                 device,
             )
+            for param in lora:
+                param.requires_grad_(True)
             updates.append(ClientUpdate(client_id, state_delta(adapter_state(model), state), size))
         state = aggregator.aggregate(state, updates).state
         load_adapter_state(model, state)
@@ -85,7 +107,14 @@ def main() -> None:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"config": str(args.config), "overrides": args.set, "clients": sizes, "rounds": rounds}
+        record = {
+            "config": str(args.config),
+            "overrides": args.set,
+            "no_noise": args.no_noise,
+            "head_only": args.head_only,
+            "clients": sizes,
+            "rounds": rounds,
+        }
         args.json.write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 

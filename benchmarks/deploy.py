@@ -54,7 +54,7 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
-def run_deployment(config_file: Path, folder: Path, clients: int, idle_seconds: float) -> dict:
+def run_deployment(config_file: Path, folder: Path, clients: int, idle_seconds: float, warm: bool) -> dict:
     """One deployment run through the counting relay; wire bytes per round."""
     federation = LocalFederation(folder / "federation")
     relay = None
@@ -62,7 +62,8 @@ def run_deployment(config_file: Path, folder: Path, clients: int, idle_seconds: 
         federation.start_superlink()
         relay = CountingRelay(federation.port)
         for i in range(clients):
-            federation.start_node(f"node{i}", i, superlink_address=f"127.0.0.1:{relay.port}")
+            extra = ("--warm-worker",) if warm else ()
+            federation.start_node(f"node{i}", i, superlink_address=f"127.0.0.1:{relay.port}", extra=extra)
         # Idle traffic (activation, heartbeats, polling) before any run, for reference.
         time.sleep(5.0)
         idle_start = relay.counter.snapshot()
@@ -113,6 +114,11 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/deploy"))
     parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--warm-worker",
+        action="store_true",
+        help="each SuperNode hands its messages to a warm worker (clients/start_supernode.sh --warm-worker)",
+    )
     args = parser.parse_args()
 
     config = load_config(args.config, [*DEFAULT_OVERRIDES, *args.overrides])
@@ -124,7 +130,7 @@ def main() -> None:
     print(f"simulation: {clients} virtual clients, {config.federation.rounds} rounds", flush=True)
     sim = simulate("simulation", config.to_dict(), args.out / "simulation")
     print(f"deployment: SuperLink + {clients} SuperNodes over TLS, same config", flush=True)
-    dep = run_deployment(config_file, args.out, clients, args.idle_seconds)
+    dep = run_deployment(config_file, args.out, clients, args.idle_seconds, args.warm_worker)
 
     rows = []
     for s, d, w in zip(sim["metrics"]["rounds"], dep["metrics"]["rounds"], dep["wire"], strict=True):
@@ -188,6 +194,7 @@ def main() -> None:
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(),
         "clients": clients,
+        "warm_worker": args.warm_worker,
         "rows": rows,
         "summary": summary,
         "idle": dep["idle"],

@@ -17,13 +17,16 @@
 #                 (default: PRIVATE_KEY.state, beside the key)
 # --port          local port of the SuperNode's own API (default 9094; give each
 #                 SuperNode on one machine its own)
+# --warm-worker   also start a warm worker (fedpeft worker) that keeps the model
+#                 loaded between rounds; Flower starts a fresh ClientApp process per
+#                 message, which then hands the message to it (docs/deployment.md)
 # --fault KINDS   fire drill: send broken updates, one kind per round in turn
 #                 (none, nan, inf, oversize, wrong-shape, crash, and under secure
 #                 aggregation secagg-drop-after-keys; e.g. "nan,oversize"; see
 #                 fedpeft/flower/fault_injection.py). Never in production.
 # Any other arguments go to flower-supernode unchanged.
 set -euo pipefail
-superlink="" ca="" key="" node_config="" state_dir="" port=9094 extra=()
+superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -35,12 +38,13 @@ while [ $# -gt 0 ]; do
         --fault) node_config+="fault=\"$2\" "; shift 2 ;;
         --state-dir) state_dir=$2; shift 2 ;;
         --port) port=$2; shift 2 ;;
+        --warm-worker) warm_worker=1; shift ;;
         *) extra+=("$1"); shift ;;
     esac
 done
 if [ -z "$superlink" ] || [ -z "$ca" ] || [ -z "$key" ] || [[ $node_config != *partition-id=* ]]; then
     echo "usage: $0 --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY --partition-id N" \
-        "[--data-file PATH] [--device DEVICE] [--port PORT]" >&2
+        "[--data-file PATH] [--device DEVICE] [--port PORT] [--warm-worker]" >&2
     exit 2
 fi
 [ -f "$ca" ] || { echo "$0: $ca not found" >&2; exit 2; }
@@ -49,6 +53,13 @@ state_dir=${state_dir:-$key.state}
 mkdir -p "$state_dir" && chmod 700 "$state_dir"
 node_config+="state-dir=\"$(cd "$state_dir" && pwd)\" "
 export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+if [ -n "$warm_worker" ]; then
+    # The worker's socket lives in the 0700 state folder; it exits once this process
+    # (which becomes the SuperNode below) is gone.
+    socket="$(cd "$state_dir" && pwd)/worker.sock"
+    fedpeft worker --socket "$socket" --parent-pid $$ &
+    node_config+="warm-worker=\"$socket\" "
+fi
 exec flower-supernode \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
     --node-config "${node_config% }" --port "$port" \

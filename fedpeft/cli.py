@@ -148,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints the resolved config; warnings and the data summary go to stderr.",
     )
     _add_config_args(validate)
+
+    worker = commands.add_parser(
+        "worker",
+        help="keep a device's ClientApp warm: answer its SuperNode's messages with the model loaded",
+        description="A long-lived process beside a SuperNode whose node config names it "
+        "(warm-worker = SOCKET): each short-lived ClientApp process hands it the message, and "
+        "the model and data stay loaded between rounds. clients/start_supernode.sh --warm-worker "
+        "starts one. See docs/deployment.md.",
+    )
+    worker.add_argument("--socket", type=Path, required=True, help="the Unix socket to listen on")
+    worker.add_argument("--parent-pid", type=int, help="exit once this process (the SuperNode) is gone")
     return parser
 
 
@@ -423,6 +434,15 @@ def _print_warnings(config: Config) -> None:
         print(f"fedpeft: warning: {warning}", file=sys.stderr)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from fedpeft.flower.client_app import worker_app
+    from fedpeft.flower.warm_worker import serve
+
+    print(f"fedpeft worker: listening on {args.socket}", flush=True)
+    serve(args.socket, worker_app, parent_pid=args.parent_pid)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpeft`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -448,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "generate": _generate,
         "validate": _validate,
+        "worker": _worker,
     }
     try:
         code = commands[args.command](args)

@@ -36,7 +36,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
     try:
         local.start_superlink()
         for i in range(3):
-            local.start_node(f"node{i}", i)
+            # node1 hands its messages to a warm worker (clients/start_supernode.sh
+            # --warm-worker): every run below must give the same adapters with it.
+            local.start_node(f"node{i}", i, extra=("--warm-worker",) if i == 1 else ())
         yield local
     finally:
         local.close()
@@ -142,6 +144,8 @@ def test_three_rounds_over_tls_improve_the_adapter(
     assert rounds[-1]["loss"] < history["initial"]["loss"] - 0.1
     assert rounds[-1]["accuracy"] > history["initial"]["accuracy"]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rounds)
+    # node1's rounds ran in its warm worker, not in the per-message ClientApp processes.
+    assert (federation.folder / "logs" / "node1.log").read_text().count("answered a train message") >= 3
     results["baseline"] = run
 
 

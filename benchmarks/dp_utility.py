@@ -1,6 +1,6 @@
 """What privacy costs in accuracy: federated runs at several epsilons, several seeds.
 
-Two scenarios, each a set of rows run through the real CLI (``fedpeft simulate``) once
+Three scenarios, each a set of rows run through the real CLI (``fedpeft simulate``) once
 per seed:
 
 ``cross-silo`` (``configs/dp-cross-silo.toml``: 5 silos, 20,000 SST-2 sentences from
@@ -13,6 +13,13 @@ per seed:
   number of examples per round);
 * ``centralised``: LoRA on the pooled 20,000 sentences, one client, the same examples
   per round: the strong baseline the federation is compared against.
+
+``cross-device`` (``configs/dp-cross-device.toml``: the SST-2 train split of
+``../shared/data/sst2`` among 1,000 users, an expected cohort of 100 Poisson-sampled a
+round, user-level DP-FedAvg with adaptive clipping): ``user-eps-8`` (epsilon 8 at
+delta 1e-4), ``no-dp`` (no clipping, no noise, a fixed cohort of 100), and
+``user-eps-8-5000-users`` / ``-10000-users`` (the same cohort from more users, delta
+0.1 / users): accuracy against the number of users at a fixed epsilon.
 
 ``embedded`` (the data shipped with fedpeft): ``configs/dp-example.toml`` (2 silos),
 ``configs/dp-client.toml`` (400 clients, user-level DP), the latter's federation
@@ -98,6 +105,25 @@ SCENARIOS: dict[str, list[Row]] = {
             for eps in (8.0, 3.0, 1.0)
         ),
     ],
+    "cross-device": [
+        Row("no-dp", "none", None, "configs/dp-cross-device.toml", ("privacy.client.enabled=false",)),
+        Row("user-eps-8", "client", 8.0, "configs/dp-cross-device.toml"),
+        *(
+            # The same expected cohort (100) and delta = 0.1 / users, from more users.
+            Row(
+                f"user-eps-8-{users}-users",
+                "client",
+                8.0,
+                "configs/dp-cross-device.toml",
+                (
+                    f"partition.num_clients={users}",
+                    f"federation.fraction_train={100 / users:g}",
+                    f"privacy.client.delta={0.1 / users:g}",
+                ),
+            )
+            for users in (5_000, 10_000)
+        ),
+    ],
     "embedded": [
         Row("no-dp", "none", None, "configs/default.toml"),
         Row("dp-example", "example", 8.0, "configs/dp-example.toml"),
@@ -119,7 +145,13 @@ def run_row(scenario: str, row: Row, seed: int, out: Path, extra: list[str]) -> 
     run = run or simulate(name, config, folder)
     last = run["metrics"]["rounds"][-1]
     epsilon = last["privacy"].get(f"epsilon_{row.unit}") if row.unit != "none" else None
-    return {"accuracy": last["accuracy"], "epsilon": epsilon, "wall_seconds": run["wall_seconds"]}
+    delta = last["privacy"].get(f"delta_{row.unit}") if row.unit != "none" else None
+    return {
+        "accuracy": last["accuracy"],
+        "epsilon": epsilon,
+        "delta": delta,
+        "wall_seconds": run["wall_seconds"],
+    }
 
 
 def summarise(scenario: str, row: Row, runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -131,7 +163,7 @@ def summarise(scenario: str, row: Row, runs: dict[int, dict[str, Any]]) -> dict[
         "unit": row.unit,
         "target_epsilon": row.target_epsilon,
         "epsilon": max(epsilons) if epsilons else None,
-        "delta": 1e-5 if row.unit != "none" else None,
+        "delta": max((r["delta"] for r in runs.values() if r.get("delta") is not None), default=None),
         "seeds": sorted(runs),
         "accuracy_mean": statistics.fmean(accuracies),
         "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
@@ -172,7 +204,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     fmt="s",
                     capsize=3,
                     color=f"C{index}",
-                    label=f"{scenario}: user-level DP-FedAvg",
+                    label=f"{scenario}: {r['row']} (user-level DP-FedAvg)",
                     zorder=3,
                 )
             if r["unit"] == "none":
@@ -191,7 +223,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks([1, 2, 3, 5, 8])
     ax.set_xticklabels(["1", "2", "3", "5", "8"])
     ax.minorticks_off()
-    ax.set_xlabel("epsilon (delta = 1e-5), from the run's privacy ledger")
+    ax.set_xlabel("epsilon (each row's delta in dp_utility.json), from the run's privacy ledger")
     ax.set_ylabel("SST-2 test accuracy (mean ± std over seeds)")
     ax.set_title("Federated LoRA on MiniLM-L6: accuracy against privacy")
     ax.grid(True, alpha=0.3)
@@ -289,13 +321,13 @@ def main() -> None:
             runs = {seed: run_row(scenario, row, seed, args.out, args.set) for seed in seeds}
             results.append(summarise(scenario, row, runs))
 
-    print(f"{'scenario':<11} {'row':<14} {'unit':<8} {'target eps':>10} {'ledger eps':>10} {'accuracy':>16}")
+    print(f"{'scenario':<11} {'row':<22} {'unit':<8} {'target eps':>10} {'ledger eps':>10} {'accuracy':>16}")
     for r in results:
         std = f" ± {r['accuracy_std']:.4f}" if r["accuracy_std"] is not None else " (1 seed)"
         target = "-" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
         spent = "-" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         print(
-            f"{r['scenario']:<11} {r['row']:<14} {r['unit']:<8} {target:>10} {spent:>10} "
+            f"{r['scenario']:<11} {r['row']:<22} {r['unit']:<8} {target:>10} {spent:>10} "
             f"{r['accuracy_mean']:.4f}{std}"
         )
     path = args.json or args.out / "dp_utility.json"

@@ -70,6 +70,13 @@ def test_a_hopeless_config_is_warned_at_start_and_kept_in_metrics(tiny_config_da
             ["partition.num_clients=10", "federation.fraction_train=1.0", "adapter.r=8"],
             "expected cohort 10",
         ),
+        # dp-cross-device (1,000 users, an expected cohort of 100, adaptive clipping; the
+        # shipped data, for a checkout without ../shared) is not warned.
+        (
+            "dp-cross-device.toml",
+            ["data.train=builtin:sst2/train.jsonl", "data.test=builtin:sst2/test.jsonl"],
+            None,
+        ),
     ],
 )
 def test_the_shipped_dp_configs(name: str, overrides: list[str], warned: str | None) -> None:

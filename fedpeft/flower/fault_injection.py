@@ -41,7 +41,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedpeft.errors import ConfigError
-from fedpeft.flower.records import ROUND_CONFIG, UPDATE, state_to_record
+from fedpeft.flower.records import ROUND_CONFIG, UPDATE, record_to_state, state_to_record
 
 logger = logging.getLogger("fedpeft")
 
@@ -103,7 +103,7 @@ def corrupt_update(record: ArrayRecord, fault: str) -> ArrayRecord:
     """A copy of ``record`` broken as ``fault`` says (see the module docstring)."""
     import torch  # only a faulty node's training stage needs it
 
-    tensors = dict(record.to_torch_state_dict())
+    tensors = record_to_state(record)
     if fault in ("nan", "inf"):
         fill = math.nan if fault == "nan" else math.inf
         tensors = {name: torch.full_like(t, fill) for name, t in tensors.items()}

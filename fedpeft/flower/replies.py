@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, Message
 from torch import Tensor
 
 from fedpeft.errors import PayloadError
-from fedpeft.flower.records import content_nbytes
+from fedpeft.flower.records import PACKED, content_nbytes, is_packed, unpack_state
 
 REASON_CHARS = 200
 """The most characters of client-chosen text kept in a log line or a stored reason."""
@@ -86,7 +86,31 @@ def checked_record_to_state(record: ArrayRecord) -> dict[str, Tensor]:
             not match. The message names the tensor.
 
     """
+    if is_packed(record):
+        return packed_to_state(record[PACKED])
     return {name: array_to_tensor(name, record[name]) for name in record.keys()}
+
+
+def packed_to_state(array: Array) -> dict[str, Tensor]:
+    """A packed update (:func:`fedpeft.flower.records.state_to_record`) -> named tensors, checked.
+
+    Raises:
+        PayloadError: The Array is not a 1-D uint8 ``numpy.save`` buffer, its bytes are
+            not safetensors with an order naming each tensor once, or a tensor's dtype is
+            outside :data:`fedpeft.flower.records.PACKED_DTYPES` (the same as
+            :data:`ACCEPTED_DTYPES`).
+
+    """
+    label = "packed payload"
+    if array.stype != NUMPY_STYPE:
+        raise PayloadError(f"{label}: serialisation {clip_text(array.stype, 40)!r}, expected {NUMPY_STYPE!r}")
+    buffer = npy_to_array(label, array.data)
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise PayloadError(f"{label}: {buffer.dtype.name} {buffer.shape}, expected a 1-D uint8 buffer")
+    try:
+        return unpack_state(buffer.tobytes())
+    except ValueError as err:  # JSON and Unicode errors are ValueErrors too
+        raise PayloadError(f"{label}: {clip_text(err, 160)}") from None
 
 
 def array_to_tensor(name: str, array: Array) -> Tensor:

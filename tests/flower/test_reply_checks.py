@@ -7,17 +7,19 @@ is the real one, with the real codecs and aggregators, over a tiny global adapte
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedpeft.flower.deployment import DEPLOYMENT_MAX_UPDATE_NORM, with_deployment_defaults
-from fedpeft.flower.records import DECLINED, record_to_state, state_to_record
-from fedpeft.flower.replies import clip_text
+from fedpeft.flower.records import DECLINED, PACKED, record_to_state, state_to_record
+from fedpeft.flower.replies import checked_record_to_state, clip_text
 from tests.flower.reply_builders import (
     GLOBAL,
     error_reply,
@@ -103,6 +105,45 @@ def test_an_array_is_checked_before_it_is_converted(array: Array, reason: str) -
     assert rejected["node_id"] == 5 and rejected["client_id"] == 0
     assert reason in rejected["reason"]
     assert " while decoding" not in rejected["reason"]  # a named check, not the last line of defence
+
+
+def test_a_packed_record_round_trips_names_order_dtypes_and_views() -> None:
+    flat = torch.arange(10, dtype=torch.float32)
+    state = {"z": flat[:6].view(2, 3), "a": torch.tensor([3, 1], dtype=torch.int64), "m": flat[6:]}
+    record = state_to_record(state)
+    assert list(record.keys()) == [PACKED]  # one Array: a handful of Flower objects a message
+    for decoded in (record_to_state(record), checked_record_to_state(record)):
+        assert list(decoded) == ["z", "a", "m"]
+        assert all(decoded[k].dtype == state[k].dtype and torch.equal(decoded[k], state[k]) for k in state)
+
+
+def packed_array(tensors: dict, order: object = None) -> Array:
+    """A packed update's Array built by hand, with ``order`` as its metadata (default: the names)."""
+    metadata = {"order": json.dumps(list(tensors) if order is None else order)}
+    return Array(np.frombuffer(safetensors.torch.save(tensors, metadata=metadata), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("array", "reason"),
+    [
+        (Array(np.zeros(64, dtype=np.float32)), "1-D uint8"),
+        (Array(np.frombuffer(b"\x10" + b"\0" * 7 + b"{not json", dtype=np.uint8)), "safetensors"),
+        (
+            Array(np.frombuffer(b"\xff" * 8 + b"{}", dtype=np.uint8)),
+            "safetensors",
+        ),  # header claims 2^64 bytes
+        (packed_array({"w": torch.zeros(2)}, order=["w", "w"]), "order"),
+        (packed_array({"w": torch.zeros(2)}, order=["v"]), "order"),
+        (packed_array({"w": torch.zeros(2)}, order={"w": 1}), "order"),
+        (packed_array({"w": torch.zeros(2, dtype=torch.bfloat16)}), "dtype BF16 is not accepted"),
+    ],
+)
+def test_a_packed_update_is_checked_before_its_tensors_are_used(array: Array, reason: str) -> None:
+    strategy = make_strategy()
+    rejected = only_rejection(strategy, [record_reply(5, ArrayRecord({PACKED: array}), metrics())])
+    assert rejected["node_id"] == 5
+    assert reason in rejected["reason"]
+    assert " while decoding" not in rejected["reason"]
 
 
 def test_a_reply_that_breaks_decoding_in_an_unforeseen_way_is_rejected_with_its_exception_type(

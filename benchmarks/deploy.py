@@ -54,15 +54,21 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
-def run_deployment(config_file: Path, folder: Path, clients: int, idle_seconds: float, warm: bool) -> dict:
-    """One deployment run through the counting relay; wire bytes per round."""
+def run_deployment(
+    config_file: Path, folder: Path, clients: int, idle_seconds: float, warm: bool, threads: int
+) -> dict:
+    """One deployment run through the counting relay; wire bytes per round.
+
+    Each SuperNode trains on ``threads`` CPU threads, the simulation's
+    ``num_cpus_per_client``, so that both share this machine's cores alike.
+    """
     federation = LocalFederation(folder / "federation")
     relay = None
     try:
         federation.start_superlink()
         relay = CountingRelay(federation.port)
         for i in range(clients):
-            extra = ("--warm-worker",) if warm else ()
+            extra = ("--threads", str(threads), *(("--warm-worker",) if warm else ()))
             federation.start_node(f"node{i}", i, superlink_address=f"127.0.0.1:{relay.port}", extra=extra)
         # Idle traffic (activation, heartbeats, polling) before any run, for reference.
         time.sleep(5.0)
@@ -130,7 +136,8 @@ def main() -> None:
     print(f"simulation: {clients} virtual clients, {config.federation.rounds} rounds", flush=True)
     sim = simulate("simulation", config.to_dict(), args.out / "simulation")
     print(f"deployment: SuperLink + {clients} SuperNodes over TLS, same config", flush=True)
-    dep = run_deployment(config_file, args.out, clients, args.idle_seconds, args.warm_worker)
+    threads = max(1, round(config.simulation.num_cpus_per_client))
+    dep = run_deployment(config_file, args.out, clients, args.idle_seconds, args.warm_worker, threads)
 
     rows = []
     for s, d, w in zip(sim["metrics"]["rounds"], dep["metrics"]["rounds"], dep["wire"], strict=True):
@@ -195,6 +202,7 @@ def main() -> None:
         "config_fingerprint": config.fingerprint(),
         "clients": clients,
         "warm_worker": args.warm_worker,
+        "node_threads": threads,
         "rows": rows,
         "summary": summary,
         "idle": dep["idle"],

@@ -20,13 +20,17 @@
 # --warm-worker   also start a warm worker (fedpeft worker) that keeps the model
 #                 loaded between rounds; Flower starts a fresh ClientApp process per
 #                 message, which then hands the message to it (docs/deployment.md)
+# --threads N     CPU threads for training on this device (OMP_NUM_THREADS for the
+#                 worker and the ClientApp processes; default: torch's, every core).
+#                 Give several SuperNodes on one machine a share each: oversubscribed
+#                 cores slow every node down several times over
 # --fault KINDS   fire drill: send broken updates, one kind per round in turn
 #                 (none, nan, inf, oversize, wrong-shape, crash, and under secure
 #                 aggregation secagg-drop-after-keys; e.g. "nan,oversize"; see
 #                 fedpeft/flower/fault_injection.py). Never in production.
 # Any other arguments go to flower-supernode unchanged.
 set -euo pipefail
-superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" extra=()
+superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -39,13 +43,18 @@ while [ $# -gt 0 ]; do
         --state-dir) state_dir=$2; shift 2 ;;
         --port) port=$2; shift 2 ;;
         --warm-worker) warm_worker=1; shift ;;
+        --threads) threads=$2; shift 2 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
 if [ -z "$superlink" ] || [ -z "$ca" ] || [ -z "$key" ] || [[ $node_config != *partition-id=* ]]; then
     echo "usage: $0 --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY --partition-id N" \
-        "[--data-file PATH] [--device DEVICE] [--port PORT] [--warm-worker]" >&2
+        "[--data-file PATH] [--device DEVICE] [--port PORT] [--warm-worker] [--threads N]" >&2
     exit 2
+fi
+if [ -n "$threads" ]; then
+    [[ $threads =~ ^[1-9][0-9]*$ ]] || { echo "$0: --threads: expected a positive integer, got '$threads'" >&2; exit 2; }
+    export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 fi
 [ -f "$ca" ] || { echo "$0: $ca not found" >&2; exit 2; }
 [ -f "$key" ] || { echo "$0: $key not found (make it with clients/make_node_key.sh)" >&2; exit 2; }
@@ -53,6 +62,8 @@ state_dir=${state_dir:-$key.state}
 mkdir -p "$state_dir" && chmod 700 "$state_dir"
 node_config+="state-dir=\"$(cd "$state_dir" && pwd)\" "
 export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+# The SuperExec looks for a message to start a ClientApp for once a second by default.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 if [ -n "$warm_worker" ]; then
     # The worker's socket lives in the 0700 state folder; it exits once this process
     # (which becomes the SuperNode below) is gone.

@@ -69,10 +69,11 @@ def warm_worker_mod(msg: Message, context: Context, call_next: ClientAppCallable
     path = context.node_config.get(WORKER_KEY)
     if not path:
         return call_next(msg, context)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.connect(str(path))
     except OSError as err:
+        connection.close()
         log.warning(
             "warm worker at %s not reachable (%s): this message runs in the ClientApp process", path, err
         )

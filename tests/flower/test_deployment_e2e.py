@@ -38,7 +38,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         for i in range(3):
             # node1 hands its messages to a warm worker (clients/start_supernode.sh
             # --warm-worker): every run below must give the same adapters with it.
-            local.start_node(f"node{i}", i, extra=("--warm-worker",) if i == 1 else ())
+            # One thread each, as the simulation's clients: three nodes share 2 cores.
+            worker = ("--warm-worker",) if i == 1 else ()
+            local.start_node(f"node{i}", i, extra=("--threads", "1", *worker))
         yield local
     finally:
         local.close()

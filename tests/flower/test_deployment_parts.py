@@ -228,3 +228,15 @@ def test_start_superlink_refuses_a_certs_folder_holding_the_ca_key(tmp_path: Pat
     refused = script("server/start_superlink.sh", "--certs", str(tmp_path), cwd=tmp_path)
     assert refused.returncode == 2 and "ca.key" in refused.stderr and "Move it out" in refused.stderr
     assert not (tmp_path / "superlink-state").exists()  # refused before anything started
+
+
+def test_start_supernode_refuses_a_thread_count_that_is_not_a_positive_integer(tmp_path: Path) -> None:
+    for name in ("ca.crt", "node.key"):
+        (tmp_path / name).write_text("placeholder")
+    args = ["--superlink", "127.0.0.1:1", "--ca", "ca.crt", "--key", "node.key", "--partition-id", "0"]
+    for threads in ("0", "two", "-1"):
+        refused = script("clients/start_supernode.sh", *args, "--threads", threads, cwd=tmp_path)
+        assert (
+            refused.returncode == 2
+            and f"--threads: expected a positive integer, got '{threads}'" in refused.stderr
+        )

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import tomllib
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,6 +59,14 @@ def main() -> None:
         action="store_true",
         help="train only the classifier head, LoRA frozen (a DP linear probe)",
     )
+    parser.add_argument(
+        "--centre-head-input",
+        choices=["mean", "standardise"],
+        help="experiment, not private: before the head, subtract the mean of its input over the "
+        "training data (measured once, without noise), and with 'standardise' also divide each "
+        "coordinate by its std times sqrt(width), to test whether the head's conditioning is what "
+        "stalls DP training",
+    )
     args = parser.parse_args()
 
     data = apply_overrides(tomllib.loads(args.config.read_text(encoding="utf-8")), args.set)
@@ -70,6 +79,9 @@ def main() -> None:
     lora = [param for name, param in model.named_parameters() if "lora_" in name]
     sizes = experiment.partitions.sizes()
     print(f"clients {sizes}, noise multipliers {[round(noise[c], 3) for c in range(len(sizes))]}", flush=True)
+
+    if args.centre_head_input:
+        centre_head_input(model, experiment, sizes, device, args.centre_head_input == "standardise")
 
     aggregator = experiment.new_aggregator()
     state = experiment.initial_state
@@ -116,6 +128,49 @@ def main() -> None:
             "rounds": rounds,
         }
         args.json.write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def centre_head_input(
+    model: torch.nn.Module, experiment: Experiment, sizes: list[int], device: str, standardise: bool
+) -> None:
+    """Make the classifier see its input minus the input's training mean (from up to 2,000 examples).
+
+    Tests a suspicion about the stall: the pooled features of different sentences share
+    most of their energy (a common mean), so the head's loss is steep along that mean
+    and flat along what separates the classes. Prints the statistics that say so.
+    Measured without noise: a probe of the idea, not a private recipe.
+    """
+    head = next(m for name, m in model.named_modules() if name.endswith("classifier.modules_to_save.default"))
+    inputs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    per_client = max(1, 2000 // len(sizes))
+    model.eval()
+    with torch.no_grad():
+        for client_id in range(len(sizes)):
+            examples = experiment.tokenized_partition(client_id).select(
+                range(min(per_client, sizes[client_id]))
+            )
+            for start in range(0, len(examples), 100):
+                batch = experiment.collator(
+                    [examples[i] for i in range(start, min(start + 100, len(examples)))]
+                )
+                labels.append(batch.pop("labels"))
+                model(**{k: v.to(device) for k, v in batch.items()})
+    hook.remove()
+    features, classes = torch.cat(inputs).double(), torch.cat(labels)
+    mean = features.mean(0)
+    spectrum = torch.linalg.eigvalsh(torch.cov(features.T))
+    separation = features[classes == 1].mean(0) - features[classes == 0].mean(0)
+    print(
+        f"head input over {len(features)} examples: mean squared norm {features.pow(2).sum(1).mean():.3f}, "
+        f"shared mean's {mean.pow(2).sum():.3f}, class means {separation.norm():.3f} apart, "
+        f"covariance eigenvalues: largest {spectrum[-1]:.4f}, median {spectrum.median():.2e}",
+        flush=True,
+    )
+    mean = mean.float()
+    scale = features.std(0).float() * features.shape[1] ** 0.5 if standardise else torch.ones_like(mean)
+    head.register_forward_pre_hook(lambda _m, args: ((args[0] - mean) / scale, *args[1:]))
 
 
 if __name__ == "__main__":

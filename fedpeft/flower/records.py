@@ -91,8 +91,13 @@ def unpack_state(packed: bytes) -> dict[str, Tensor]:
         if dtype not in PACKED_DTYPES:
             raise ValueError(f"tensor {name[:80]!r}: dtype {str(dtype)[:20]} is not accepted")
     metadata = header.get("__metadata__")
-    order = json.loads(metadata.get("order", "null")) if isinstance(metadata, dict) else None
-    if not isinstance(order, list) or sorted(map(str, order)) != sorted(tensors):
+    listed = metadata.get("order") if isinstance(metadata, dict) else None
+    order = _json(listed) if isinstance(listed, str) else None
+    if (
+        not isinstance(order, list)
+        or not all(isinstance(n, str) for n in order)
+        or sorted(order) != sorted(tensors)
+    ):
         raise ValueError("its order metadata does not name each of its tensors once")
     try:
         arrays = load(packed)
@@ -108,10 +113,18 @@ def _packed_header(packed: bytes) -> dict:
     (size,) = struct.unpack("<Q", packed[:8])
     if size > len(packed) - 8:
         raise ValueError(f"not a safetensors buffer: its header claims {size} bytes of {len(packed) - 8}")
-    header = json.loads(packed[8 : 8 + size])
+    header = _json(packed[8 : 8 + size])
     if not isinstance(header, dict):
         raise ValueError("not a safetensors buffer: its header is not a JSON object")
     return header
+
+
+def _json(text: str | bytes) -> object:
+    """``json.loads``, with nesting too deep for the parser a ValueError like any other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def content_nbytes(content: RecordDict) -> int:

@@ -123,6 +123,12 @@ def packed_array(tensors: dict, order: object = None) -> Array:
     return Array(np.frombuffer(safetensors.torch.save(tensors, metadata=metadata), dtype=np.uint8))
 
 
+def header_only(header: object) -> bytes:
+    """A safetensors-shaped buffer: an 8-byte size, then ``header`` as JSON (a str as it is)."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
 @pytest.mark.parametrize(
     ("array", "reason"),
     [
@@ -135,6 +141,9 @@ def packed_array(tensors: dict, order: object = None) -> Array:
         (packed_array({"w": torch.zeros(2)}, order=["w", "w"]), "order"),
         (packed_array({"w": torch.zeros(2)}, order=["v"]), "order"),
         (packed_array({"w": torch.zeros(2)}, order={"w": 1}), "order"),
+        (packed_array({"1": torch.zeros(2)}, order=[1]), "order"),
+        (Array(np.frombuffer(header_only({"__metadata__": {"order": 5}}), dtype=np.uint8)), "order"),
+        (Array(np.frombuffer(header_only("[" * 100_000 + "]" * 100_000), dtype=np.uint8)), "too deeply"),
         (packed_array({"w": torch.zeros(2, dtype=torch.bfloat16)}), "dtype BF16 is not accepted"),
     ],
 )

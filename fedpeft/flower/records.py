@@ -65,8 +65,16 @@ def record_to_state(record: ArrayRecord) -> dict[str, Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-PACKED_DTYPES = frozenset({"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "U32", "BOOL"})
-"""safetensors dtypes a packed state may hold: those NumPy and torch share without a copy."""
+ACCEPTED_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool"}
+)
+"""Array dtypes torch can take without a copy or a surprise; codecs then check their own."""
+
+_SAFETENSORS_DTYPES = {
+    "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8", "I16": "int16",
+    "I32": "int32", "I64": "int64", "U8": "uint8", "U32": "uint32", "BOOL": "bool",
+}  # fmt: skip
+"""safetensors' dtype codes, by the NumPy name :data:`ACCEPTED_DTYPES` uses."""
 
 
 def unpack_state(packed: bytes) -> dict[str, Tensor]:
@@ -87,8 +95,8 @@ def unpack_state(packed: bytes) -> dict[str, Tensor]:
     header = _packed_header(packed)
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
     for name, info in tensors.items():
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if dtype not in PACKED_DTYPES:
+        dtype = str(info.get("dtype")) if isinstance(info, dict) else "none"
+        if _SAFETENSORS_DTYPES.get(dtype) not in ACCEPTED_DTYPES:
             raise ValueError(f"tensor {name[:80]!r}: dtype {str(dtype)[:20]} is not accepted")
     metadata = header.get("__metadata__")
     listed = metadata.get("order") if isinstance(metadata, dict) else None

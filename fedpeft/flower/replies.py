@@ -21,18 +21,13 @@ from flwr.app import Array, ArrayRecord, Message
 from torch import Tensor
 
 from fedpeft.errors import PayloadError
-from fedpeft.flower.records import PACKED, content_nbytes, is_packed, unpack_state
+from fedpeft.flower.records import ACCEPTED_DTYPES, PACKED, content_nbytes, is_packed, unpack_state
 
 REASON_CHARS = 200
 """The most characters of client-chosen text kept in a log line or a stored reason."""
 
 NUMPY_STYPE = "numpy.ndarray"
 """Flower's serialisation type of an Array holding ``numpy.save`` bytes (the only one read)."""
-
-ACCEPTED_DTYPES = frozenset(
-    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32", "bool"}
-)
-"""Array dtypes torch can take without a copy or a surprise; codecs then check their own."""
 
 MAX_CLIENT_ID = 2**31 - 1
 """Largest client id accepted (the ``partition-id`` a SuperNode is started with)."""
@@ -97,8 +92,7 @@ def packed_to_state(array: Array) -> dict[str, Tensor]:
     Raises:
         PayloadError: The Array is not a 1-D uint8 ``numpy.save`` buffer, its bytes are
             not safetensors with an order naming each tensor once, or a tensor's dtype is
-            outside :data:`fedpeft.flower.records.PACKED_DTYPES` (the same as
-            :data:`ACCEPTED_DTYPES`).
+            outside :data:`ACCEPTED_DTYPES`.
 
     """
     label = "packed payload"

@@ -58,6 +58,7 @@ from fedpeft.config import apply_overrides, parse_config
 
 NO_DP = ["privacy.example.enabled=false"]
 NON_PRIVATE_TRAIN = [
+    "adapter.lora_alpha=64",
     "train.optimizer=adamw",
     "train.lr=1e-3",
     "train.batch_size=50",

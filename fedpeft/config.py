@@ -64,6 +64,17 @@ class ModelConfig(_Section):
     precision. Needs ``pip install bitsandbytes``; not with a GGUF file."""
     trust_remote_code: bool = False
     """Let ``from_pretrained`` run the model repository's own code (trusted repositories only)."""
+    pooling: Literal["model", "mean"] = "model"
+    """What a sequence classifier's head reads: ``model``, the architecture's own choice
+    (BERT: the ``[CLS]`` state through its pooler); ``mean``, the mean of the token states,
+    which sentence encoders (sentence-transformers, e.g. all-MiniLM-L6-v2) were trained
+    for. BERT-family classifiers only."""
+
+    @model_validator(mode="after")
+    def _pooling_needs_a_classifier(self) -> ModelConfig:
+        if self.pooling != "model" and self.task != "sequence-classification":
+            raise ValueError(f"model.pooling = {self.pooling!r}: only for task 'sequence-classification'")
+        return self
 
 
 class AdapterConfig(_Section):

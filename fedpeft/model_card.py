@@ -256,11 +256,15 @@ def _loading_section(config: Config, num_labels: int | None) -> str:
     task = config.model.task
     labels = f", num_labels={num_labels}" if task == "sequence-classification" and num_labels else ""
     name = json.dumps(config.model.name_or_path)
-    if config.model.name_or_path.startswith("builtin:"):
+    pooling = config.model.pooling
+    if config.model.name_or_path.startswith("builtin:") or pooling != "model":
+        # fedpeft resolves builtin: names and installs the head's pooling; transformers does neither
+        pooled = f", pooling={json.dumps(pooling)}" if pooling != "model" else ""
+        model_config = f"ModelConfig(name_or_path={name}, task={json.dumps(task)}{pooled})"
         base = [
             "from fedpeft.config import ModelConfig",
             "from fedpeft.models import load_base_model",
-            f"base = load_base_model(ModelConfig(name_or_path={name}, task={json.dumps(task)}){labels})",
+            f"base = load_base_model({model_config}{labels})",
         ]
     else:
         base = [

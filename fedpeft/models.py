@@ -30,6 +30,7 @@ from transformers import (
 
 from fedpeft.config import AdapterConfig, ModelConfig, Task
 from fedpeft.errors import ConfigError, ModelLoadError
+from fedpeft.pooling import use_mean_pooling
 
 AdapterState = dict[str, Tensor]
 """name -> tensor, one entry per trainable adapter tensor, in module order."""
@@ -68,6 +69,10 @@ _TASKS_OF_PEFT_TYPES: dict[str, Task] = {"SEQ_CLS": "sequence-classification", "
 
 _HEAD_WEIGHTS = (".classifier.weight", ".score.weight", ".classifier.out_proj.weight")
 """How the classification heads of BERT, Llama and RoBERTa end in a saved adapter."""
+
+HEAD_FILE = "fedpeft_head.json"
+"""Written beside a saved adapter whose head reads another pooling than the model's own
+(``{"pooling": "mean"}``); peft's config has no field for it."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -195,6 +200,8 @@ def load_base_model(
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.name_or_path: cannot load {source.name_or_path}: {err}") from None
     model.requires_grad_(False)
+    if config.pooling == "mean":
+        use_mean_pooling(model)
     if config.quantization != "none":
         # QLoRA's preparation: the norms and other unquantised weights in float32, for
         # stable training when the products compute in half precision. Gradient
@@ -328,6 +335,7 @@ def save_adapter(
     folder: str | Path,
     base_model: str,
     model_card: str | None = None,
+    pooling: str = "model",
 ) -> Path:
     """Write ``state`` as a standard peft checkpoint that ``PeftModel.from_pretrained`` loads.
 
@@ -341,6 +349,8 @@ def save_adapter(
             configured name is what :func:`load_adapter` resolves again anywhere.
         model_card: Markdown for ``README.md`` (see :mod:`fedpeft.model_card`); without
             one, a short card naming the base model replaces peft's empty template.
+        pooling: ``model.pooling``; another than ``model`` is recorded in
+            :data:`HEAD_FILE`, which :func:`load_adapter` reads.
 
     """
     load_adapter_state(model, state)
@@ -350,6 +360,8 @@ def save_adapter(
     saved = json.loads(config_file.read_text(encoding="utf-8"))
     saved["base_model_name_or_path"] = base_model
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
+    if pooling != "model":
+        (folder / HEAD_FILE).write_text(json.dumps({"pooling": pooling}), encoding="utf-8")
     if model_card is None:
         model_card = (
             f"---\nlibrary_name: peft\n---\n\n# Adapter for `{base_model}`\n\n"
@@ -371,7 +383,8 @@ def load_adapter(
         folder: A folder :func:`save_adapter` (or peft) wrote.
         model_config: The base model; by default the one the adapter records
             (``base_model_name_or_path``, a relative path taken from the working
-            folder) with the task of its peft ``task_type``.
+            folder) with the task of its peft ``task_type`` and the pooling of
+            :data:`HEAD_FILE`. One given must pool as the adapter was trained.
         num_labels: Classes of a sequence-classification head; by default read from
             the shape of the saved head (``classifier`` or ``score``).
         seed: Seeds the init of base weights neither checkpoint holds (none, normally).
@@ -394,7 +407,12 @@ def load_adapter(
                 f"{config_file}: base_model_name_or_path {name!r} and task_type "
                 f"{saved.get('task_type')!r} do not name a base model fedpeft can load; pass model_config"
             )
-        model_config = ModelConfig(name_or_path=name, task=task)
+        model_config = ModelConfig(name_or_path=name, task=task, pooling=_saved_pooling(folder))
+    elif model_config.pooling != _saved_pooling(folder):
+        raise ModelLoadError(
+            f"{folder}: the adapter's head was trained on {_saved_pooling(folder)!r} pooling, "
+            f"model.pooling is {model_config.pooling!r}"
+        )
     if model_config.task == "sequence-classification" and num_labels is None:
         num_labels = _saved_num_labels(folder)
     tokenizer = load_tokenizer(model_config)
@@ -408,6 +426,20 @@ def load_adapter(
             f"{folder}: peft cannot load the adapter on {model_config.name_or_path}: {err}"
         ) from None
     return LoadedModel(model, tokenizer)
+
+
+def _saved_pooling(folder: Path) -> Any:
+    """``model.pooling`` as :func:`save_adapter` recorded it (``model`` when not recorded)."""
+    head_file = folder / HEAD_FILE
+    if not head_file.is_file():
+        return "model"
+    try:
+        pooling = json.loads(head_file.read_text(encoding="utf-8"))["pooling"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelLoadError(f"{head_file}: not a JSON object with a 'pooling' key") from None
+    if pooling not in ("model", "mean"):
+        raise ModelLoadError(f"{head_file}: unknown pooling {pooling!r} (model, mean)")
+    return pooling
 
 
 def _saved_num_labels(folder: Path) -> int:

@@ -88,7 +88,8 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.toml").write_text(config.to_toml(), encoding="utf-8")
-    save_adapter(model, adapter_state(model), args.out / "adapter", config.model.name_or_path)
+    state = adapter_state(model)
+    save_adapter(model, state, args.out / "adapter", config.model.name_or_path, pooling=config.model.pooling)
     summary = {"total_steps": total_steps, "final_accuracy": history[-1]["accuracy"], "history": history}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"final accuracy {history[-1]['accuracy']:.4f}; wrote {args.out}")

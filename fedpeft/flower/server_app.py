@@ -266,7 +266,14 @@ def run_federation(
         )
     experiment.prepare_round(max(completed, 1))  # the final adapter's shape (SLoRA's stage), on resume too
     card = render_model_card(config, history, privacy_summary(ledger, config, clamp), experiment.num_labels)
-    save_adapter(experiment.model.model, global_state, out_dir / "adapter", config.model.name_or_path, card)
+    save_adapter(
+        experiment.model.model,
+        global_state,
+        out_dir / "adapter",
+        config.model.name_or_path,
+        card,
+        pooling=config.model.pooling,
+    )
     save(completed, finished=True)
     return history
 

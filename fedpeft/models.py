@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from peft import PeftConfig, PeftModel, PeftType, get_peft_model, prepare_model_for_kbit_training
@@ -399,6 +399,7 @@ def load_adapter(
     if not config_file.is_file():
         raise ModelLoadError(f"{folder}: no adapter_config.json (not a peft adapter folder)")
     saved = json.loads(config_file.read_text(encoding="utf-8"))
+    saved_pooling = _saved_pooling(folder)
     if model_config is None:
         name = saved.get("base_model_name_or_path")
         task = _TASKS_OF_PEFT_TYPES.get(str(saved.get("task_type")))
@@ -407,10 +408,10 @@ def load_adapter(
                 f"{config_file}: base_model_name_or_path {name!r} and task_type "
                 f"{saved.get('task_type')!r} do not name a base model fedpeft can load; pass model_config"
             )
-        model_config = ModelConfig(name_or_path=name, task=task, pooling=_saved_pooling(folder))
-    elif model_config.pooling != _saved_pooling(folder):
+        model_config = ModelConfig(name_or_path=name, task=task, pooling=saved_pooling)
+    elif model_config.pooling != saved_pooling:
         raise ModelLoadError(
-            f"{folder}: the adapter's head was trained on {_saved_pooling(folder)!r} pooling, "
+            f"{folder}: the adapter's head was trained on {saved_pooling!r} pooling, "
             f"model.pooling is {model_config.pooling!r}"
         )
     if model_config.task == "sequence-classification" and num_labels is None:
@@ -428,7 +429,7 @@ def load_adapter(
     return LoadedModel(model, tokenizer)
 
 
-def _saved_pooling(folder: Path) -> Any:
+def _saved_pooling(folder: Path) -> Literal["model", "mean"]:
     """``model.pooling`` as :func:`save_adapter` recorded it (``model`` when not recorded)."""
     head_file = folder / HEAD_FILE
     if not head_file.is_file():

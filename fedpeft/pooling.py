@@ -31,6 +31,16 @@ class MeanPooler(nn.Module):
         super().__init__()
         self.attention_mask: Tensor | None = None
 
+    def remember_mask(self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the encoder: keep the attention mask of the pass starting.
+
+        A bound method, not a closure, so that a deep copy of the model hooks its own pooler.
+        """
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]  # BertModel.forward(input_ids, attention_mask, ...)
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
     def forward(self, hidden_states: Tensor) -> Tensor:
         """The masked mean over the sequence: ``(batch, length, width) -> (batch, width)``."""
         mask = self.attention_mask
@@ -56,11 +66,4 @@ def use_mean_pooling(model: PreTrainedModel) -> None:
         )
     pooler = MeanPooler()
     encoder.pooler = pooler
-
-    def remember_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:
-            mask = args[1]  # BertModel.forward(input_ids, attention_mask, ...)
-        pooler.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-
-    encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    encoder.register_forward_pre_hook(pooler.remember_mask, with_kwargs=True)

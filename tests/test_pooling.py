@@ -1,3 +1,4 @@
+import copy
 import json
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def test_mean_pooled_head_reads_the_mean_of_the_real_tokens(tiny_bert_dir: Path)
         by_hand = model.classifier(states.mean(dim=1))
     torch.testing.assert_close(padded, alone)  # pads do not enter the mean
     torch.testing.assert_close(alone, by_hand)
+    copied = copy.deepcopy(model)  # its hook feeds its own pooler, not the original's
+    with torch.no_grad():
+        torch.testing.assert_close(copied(input_ids=ids, attention_mask=mask).logits, alone)
     with torch.no_grad():  # the model's own pooling ([CLS] through the pooler) differs
         assert not torch.allclose(plain(input_ids=ids, attention_mask=mask).logits, padded)
 

@@ -36,6 +36,7 @@ from _paths import repo_relative
 from fedpeft.config import apply_overrides, parse_config
 from fedpeft.data.loading import LABEL, TEXT, load_text_data
 from fedpeft.models import load_base_model, load_tokenizer
+from fedpeft.pooling import MeanPooler
 
 HEAD_INPUTS = ("model", "cls", "mean")
 
@@ -52,6 +53,7 @@ def features(
     model_config = config.model.model_copy(update={"pooling": "model"})
     base = load_base_model(model_config, num_labels=text.num_labels, seed=config.seed).eval()
     tokenizer = load_tokenizer(model_config)
+    mean_pooler = MeanPooler()  # what model.pooling = "mean" puts in the pooler's place
     out: dict[str, Any] = {}
     for split, rows in (("train", text.train), ("test", text.test)):
         sentences, labels = rows[TEXT], rows[LABEL]
@@ -70,11 +72,11 @@ def features(
                 )
                 encoded = base.base_model(**batch)
                 states = encoded.last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+                mean_pooler.attention_mask = batch["attention_mask"]
                 pooled = encoded.pooler_output if encoded.pooler_output is not None else states[:, 0]
                 parts["model"].append(pooled)
                 parts["cls"].append(states[:, 0])
-                parts["mean"].append((states * mask).sum(1) / mask.sum(1))
+                parts["mean"].append(mean_pooler(states))
         back = torch.argsort(torch.tensor(order))
         out[split] = {name: torch.cat(p)[back] for name, p in parts.items()}
         out[split]["label"] = torch.tensor(labels)

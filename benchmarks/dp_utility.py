@@ -76,6 +76,7 @@ CENTRALISED = [
     "partition.scheme=iid",
     "partition.num_clients=1",
     "federation.min_train_clients=1",
+    "federation.min_available_clients=1",
     "train.steps=50",
 ]
 """All 20,000 sentences on one client, 2,500 examples a round: what the 5 silos see."""

@@ -358,7 +358,8 @@ class FederationConfig(_Section):
     smallest *expected* cohort instead: sampling waits until q x clients reaches it, and
     every round's noised mean is released however many replied."""
     min_available_clients: int = Field(default=2, ge=1)
-    """Connected clients sampling waits for."""
+    """Connected clients sampling waits for. A simulation, which starts exactly
+    ``partition.num_clients`` clients, refuses more (it would wait ``round_timeout``)."""
     codec: str = "dense"
     """How an update travels: the name a codec is registered under (``dense``, ``topk``, ...)."""
     codec_options: dict[str, Any] = Field(default_factory=dict)

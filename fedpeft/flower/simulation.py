@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedpeft.checkpoint import check_run_folder
 from fedpeft.config import Config
+from fedpeft.errors import ConfigError
 from fedpeft.experiment import Experiment
 from fedpeft.history import RunHistory
 
@@ -36,6 +37,7 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False, resume:
     from fedpeft.flower.server_app import build_server_app
 
     # Fail on data, partition, model and run-folder problems here, before any worker starts.
+    check_cohort_fits(config)
     if resume or out_dir.exists():
         check_run_folder(out_dir, config, resume)
     experiment = Experiment.cached(config)
@@ -91,3 +93,26 @@ def run_simulation(config: Config, out_dir: Path, verbose: bool = False, resume:
     if not isinstance(history, RunHistory):
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     return history
+
+
+def check_cohort_fits(config: Config) -> None:
+    """Refuse a cohort larger than the simulated federation, which would wait for ever.
+
+    The simulation starts ``partition.num_clients`` virtual clients and no more can
+    connect; a server waiting for more (``min_available_clients``) or for more usable
+    updates a round (``min_train_clients``) would sit idle until
+    ``federation.round_timeout`` (an hour by default) and then fail. A deployment is
+    not checked: its SuperNodes join while the server waits.
+
+    Raises:
+        ConfigError: Names the key and the number of simulated clients.
+
+    """
+    clients = config.partition.num_clients
+    for key in ("min_available_clients", "min_train_clients"):
+        wanted = getattr(config.federation, key)
+        if wanted > clients:
+            raise ConfigError(
+                f"federation.{key} = {wanted} but the simulation has partition.num_clients = {clients} "
+                f"client(s): it would wait for clients that never connect; set federation.{key} <= {clients}"
+            )

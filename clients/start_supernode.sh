@@ -17,12 +17,9 @@
 #                 (default: PRIVATE_KEY.state, beside the key)
 # --port          local port of the SuperNode's own API (default 9094; give each
 #                 SuperNode on one machine its own)
-# --warm-worker   run every ClientApp task in one long-lived process (fedpeft worker)
-#                 that keeps the model loaded between rounds, instead of Flower's
-#                 fresh flwr-clientapp process per message (docs/deployment.md)
-# --busy-poll S   after a message or reply, look for the next one S seconds later, then
-#                 1.25x longer per empty poll up to Flower's fixed 3 s (default 0.1;
-#                 0 keeps Flower's 3 s; fedpeft/flower/supernode.py)
+# --warm-worker   also start a warm worker (fedpeft worker) that keeps the model
+#                 loaded between rounds; Flower starts a fresh ClientApp process per
+#                 message, which then hands the message to it (docs/deployment.md)
 # --threads N     CPU threads for training on this device (OMP_NUM_THREADS for the
 #                 worker and the ClientApp processes; default: torch's, every core).
 #                 Give several SuperNodes on one machine a share each: oversubscribed
@@ -33,7 +30,7 @@
 #                 fedpeft/flower/fault_injection.py). Never in production.
 # Any other arguments go to flower-supernode unchanged.
 set -euo pipefail
-superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" busy_poll=0.1 extra=()
+superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -47,7 +44,6 @@ while [ $# -gt 0 ]; do
         --port) port=$2; shift 2 ;;
         --warm-worker) warm_worker=1; shift ;;
         --threads) threads=$2; shift 2 ;;
-        --busy-poll) busy_poll=$2; shift 2 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
@@ -69,13 +65,13 @@ export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} HF_HUB_OFFLINE=${HF_H
 # The SuperExec looks for a message to start a ClientApp for once a second by default.
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 if [ -n "$warm_worker" ]; then
-    # The SuperNode starts no SuperExec (--isolation process); the worker claims its
-    # tasks on the local runtime API and exits once this process (which becomes the
-    # SuperNode below) is gone.
-    fedpeft worker --runtime-api "127.0.0.1:$port" --parent-pid $$ &
-    extra+=(--isolation process)
+    # The worker's socket lives in the 0700 state folder; it exits once this process
+    # (which becomes the SuperNode below) is gone.
+    socket="$(cd "$state_dir" && pwd)/worker.sock"
+    fedpeft worker --socket "$socket" --parent-pid $$ &
+    node_config+="warm-worker=\"$socket\" "
 fi
-exec fedpeft-supernode --busy-poll "$busy_poll" \
+exec flower-supernode \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
     --node-config "${node_config% }" --port "$port" \
     "${extra[@]}"

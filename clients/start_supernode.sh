@@ -28,7 +28,10 @@
 #                 (none, nan, inf, oversize, wrong-shape, crash, and under secure
 #                 aggregation secagg-drop-after-keys; e.g. "nan,oversize"; see
 #                 fedpeft/flower/fault_injection.py). Never in production.
-# Any other arguments go to flower-supernode unchanged.
+# Any other arguments go to flower-supernode unchanged. The node runs as
+# fedpeft-supernode: flower-supernode sending each reply as soon as it is ready
+# (fedpeft/flower/supernode.py; after a SuperLink restart Flower's own can hold a
+# node's replies back one message each, for good).
 set -euo pipefail
 superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" extra=()
 while [ $# -gt 0 ]; do
@@ -71,7 +74,7 @@ if [ -n "$warm_worker" ]; then
     fedpeft worker --socket "$socket" --parent-pid $$ &
     node_config+="warm-worker=\"$socket\" "
 fi
-exec flower-supernode \
+exec fedpeft-supernode \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
     --node-config "${node_config% }" --port "$port" \
     "${extra[@]}"

@@ -1,0 +1,139 @@
+"""fedpeft-supernode: Flower's SuperNode loop, with replies sent as soon as they are ready.
+
+The loop's own functions (``_push_messages``, the node state, the object store) are
+Flower's; only the connection to the SuperLink is a recorder.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from types import ModuleType, SimpleNamespace
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode import start_client_internal as flower_loop
+from flwr.supernode.nodestate import NodeStateFactory
+
+from fedpeft.flower import supernode
+
+NODE_ID = 5
+
+
+class Node:
+    """A SuperNode's state and object store, and what its connection has sent."""
+
+    def __init__(self) -> None:
+        factory = ObjectStoreFactory()
+        self.state = NodeStateFactory(objectstore_factory=factory).state()
+        self.store = factory.store()
+        self.sent: list[int] = []
+
+    def send(self, message: Message, object_tree: object, runtime: float) -> tuple[set[str], str]:
+        self.sent.append(message.metadata.run_id)
+        return set(), "session"
+
+    def push_arguments(self) -> dict:
+        return {"state": self.state, "object_store": self.store, "send": self.send, "push_object": _ignore}
+
+    def reply_ready(self, run_id: int) -> None:
+        """A ClientApp answered a message of run ``run_id``."""
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 0, run_id, NODE_ID
+        message = Message(
+            RecordDict({"x": ConfigRecord({"run": run_id})}), dst_node_id=NODE_ID, message_type="train"
+        )
+        message.metadata.__dict__["_message_id"] = message.object_id
+        self.state.store_message(message)
+        self.state.record_message_processing_start(message.metadata.message_id)
+        self.state.record_message_processing_end(message.metadata.message_id)
+        flower_loop._insert_message(
+            Message(RecordDict({"y": ConfigRecord({"run": run_id})}), reply_to=message),
+            self.state,
+            self.store,
+        )
+
+
+def _ignore(*args: object) -> None:
+    return None
+
+
+def test_a_poll_without_a_message_sends_the_reply_left_behind() -> None:
+    # After a SuperLink restart: the node pulls the resumed run's (2) message while a
+    # ClientApp still answers the killed run's (1). Flower's push sends the stale reply
+    # that is ready first and returns; the resumed run's reply comes later.
+    node = Node()
+    messages = iter([2, None, None])
+    flusher = supernode.ReplyFlusher(lambda: next(messages), flower_loop._push_messages)
+
+    assert flusher.pull() == 2
+    node.reply_ready(1)
+    flusher.push(**node.push_arguments())
+    assert node.sent == [1]
+
+    node.reply_ready(2)
+    assert flusher.pull() is None  # no new message: Flower alone would keep reply 2 until one comes
+    assert node.sent == [1, 2]
+    assert flusher.pull() is None and node.sent == [1, 2]  # each reply goes once
+
+
+def test_a_poll_with_no_reply_ready_does_not_wait() -> None:
+    node = Node()
+    messages = iter([None, 3, None])
+    flusher = supernode.ReplyFlusher(lambda: next(messages), flower_loop._push_messages)
+    assert flusher.pull() is None and flusher.flush() is False  # before the first message
+    assert flusher.pull() == 3
+    node.reply_ready(3)
+    flusher.push(**node.push_arguments())
+    poll = threading.Thread(target=flusher.pull, daemon=True)
+    poll.start()
+    poll.join(5.0)
+    assert not poll.is_alive(), "a poll with no reply ready waited for one"
+    assert node.sent == [3]
+
+
+def test_positional_push_arguments_are_remembered_too() -> None:
+    node = Node()
+    flusher = supernode.ReplyFlusher(lambda: None, flower_loop._push_messages)
+    node.reply_ready(4)
+    arguments = node.push_arguments()
+    flusher.push(*arguments.values())
+    node.reply_ready(5)
+    assert flusher.flush() is True
+    assert node.sent == [4, 5]
+
+
+def test_install_hooks_flowers_loop_and_refuses_a_loop_it_does_not_know() -> None:
+    pull = flower_loop._pull_and_store_message
+    module = ModuleType("loop")
+    module._pull_and_store_message = pull  # type: ignore[attr-defined]
+    module._push_messages = flower_loop._push_messages  # type: ignore[attr-defined]
+    flusher = supernode.install(module)
+    assert flusher is not None
+    assert module._pull_and_store_message == flusher.pull  # type: ignore[attr-defined]
+    assert module._push_messages == flusher.push  # type: ignore[attr-defined]
+
+    def other_push(state: object, store: object) -> None:  # another Flower's loop
+        return None
+
+    other = SimpleNamespace(_pull_and_store_message=pull, _push_messages=other_push)
+    assert supernode.install(other) is None  # type: ignore[arg-type]
+    assert other._push_messages is other_push and other._pull_and_store_message is pull
+
+
+def test_the_entry_point_runs_flower_supernode_hooked() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv = ['fedpeft-supernode', '--help']; "
+            "from fedpeft.flower.supernode import main; main()",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--superlink" in done.stdout
+    assert "not the one fedpeft knows" not in done.stderr

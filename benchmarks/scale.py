@@ -225,6 +225,7 @@ def showcase(path: Path) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {
         "user_dp_eps8_accuracy": rows["user-eps-8"]["accuracy_mean"],
+        "user_dp_eps8_accuracy_std": rows["user-eps-8"]["accuracy_std"],
         "user_dp_eps8_seeds": rows["user-eps-8"]["seeds"],
         "user_dp_eps8_accuracy_by_users": {u: r["accuracy_mean"] for u, r in by_users.items()},
         "user_dp_source": repo_relative(path),

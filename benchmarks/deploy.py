@@ -39,7 +39,9 @@ from fedpeft.flower.local_federation import LocalFederation
 
 DEFAULT_OVERRIDES = [
     "partition.num_clients=3",
-    "federation.rounds=3",
+    # Rounds 2..5 are the steady state the ratio is taken over (round 1 downloads the
+    # app bundle): four rounds, not two, so one slow round moves it less.
+    "federation.rounds=5",
     "federation.min_train_clients=3",
     "federation.min_available_clients=3",
     "train.steps=10",
@@ -55,7 +57,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def run_deployment(
-    config_file: Path, folder: Path, clients: int, idle_seconds: float, warm: bool, threads: int
+    config_file: Path,
+    folder: Path,
+    clients: int,
+    idle_seconds: float,
+    warm: bool,
+    threads: int,
+    busy_poll: float | None = None,
 ) -> dict:
     """One deployment run through the counting relay; wire bytes per round.
 
@@ -69,6 +77,8 @@ def run_deployment(
         relay = CountingRelay(federation.port)
         for i in range(clients):
             extra = ("--threads", str(threads), *(("--warm-worker",) if warm else ()))
+            if busy_poll is not None:
+                extra += ("--busy-poll", str(busy_poll))
             federation.start_node(f"node{i}", i, superlink_address=f"127.0.0.1:{relay.port}", extra=extra)
         # Idle traffic (activation, heartbeats, polling) before any run, for reference.
         time.sleep(5.0)
@@ -123,7 +133,15 @@ def main() -> None:
     parser.add_argument(
         "--warm-worker",
         action="store_true",
-        help="each SuperNode hands its messages to a warm worker (clients/start_supernode.sh --warm-worker)",
+        help="each SuperNode runs its ClientApp tasks in a warm worker (clients/start_supernode.sh --warm-worker)",
+    )
+    parser.add_argument(
+        "--busy-poll",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the SuperNodes' poll interval while a run is busy (clients/start_supernode.sh --busy-poll; "
+        "default: the script's, 0.1; 0 keeps Flower's fixed 3 s)",
     )
     args = parser.parse_args()
 
@@ -137,7 +155,9 @@ def main() -> None:
     sim = simulate("simulation", config.to_dict(), args.out / "simulation")
     print(f"deployment: SuperLink + {clients} SuperNodes over TLS, same config", flush=True)
     threads = max(1, round(config.simulation.num_cpus_per_client))
-    dep = run_deployment(config_file, args.out, clients, args.idle_seconds, args.warm_worker, threads)
+    dep = run_deployment(
+        config_file, args.out, clients, args.idle_seconds, args.warm_worker, threads, args.busy_poll
+    )
 
     rows = []
     for s, d, w in zip(sim["metrics"]["rounds"], dep["metrics"]["rounds"], dep["wire"], strict=True):
@@ -202,6 +222,7 @@ def main() -> None:
         "config_fingerprint": config.fingerprint(),
         "clients": clients,
         "warm_worker": args.warm_worker,
+        "busy_poll": args.busy_poll,
         "node_threads": threads,
         "rows": rows,
         "summary": summary,

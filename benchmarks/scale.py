@@ -18,6 +18,9 @@ decoded reply is; its creation is not timed.
   at ``--batch-clients`` (1,000 x 4 MiB would hold 4 GiB of updates on a 2-core box).
 
 Prints a table, writes JSON; ``--part`` runs one half and keeps the other's results.
+The summary also carries issue 20's keys measured by other scripts, read from their
+JSON: the user-level DP showcase (``benchmarks/dp_utility.py --scenario cross-device``)
+and ``deploy_round_ratio`` (``benchmarks/deploy.py --warm-worker``).
 
     python benchmarks/scale.py --out docs/figures/scale.json
     python benchmarks/scale.py --part simulation --out docs/figures/scale.json
@@ -181,6 +184,12 @@ def main() -> None:
         default=Path("docs/figures/dp_utility.json"),
         help="results of benchmarks/dp_utility.py --scenario cross-device, summarised here",
     )
+    parser.add_argument(
+        "--deploy",
+        type=Path,
+        default=Path("docs/figures/deploy_warm_worker.json"),
+        help="results of benchmarks/deploy.py --warm-worker, whose round ratio is summarised here",
+    )
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.clients, args)))
@@ -202,6 +211,7 @@ def main() -> None:
             f"--sim-runs {repo_relative(args.sim_runs)} --out {repo_relative(args.out)}"
         )
     summary.update(showcase(args.dp_utility))
+    summary.update(deployment(args.deploy))
     result["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -233,6 +243,16 @@ def showcase(path: Path) -> dict[str, Any]:
     if "no-dp" in rows:
         summary["user_dp_no_dp_accuracy"] = rows["no-dp"]["accuracy_mean"]
     return summary
+
+
+def deployment(path: Path) -> dict[str, Any]:
+    """The deployed round against the simulated one (``benchmarks/deploy.py``'s own run)."""
+    if not path.is_file():
+        return {}
+    return {
+        "deploy_round_ratio": json.loads(path.read_text())["summary"]["deploy_round_ratio"],
+        "deploy_source": repo_relative(path),
+    }
 
 
 def aggregation(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,9 +17,12 @@
 #                 (default: PRIVATE_KEY.state, beside the key)
 # --port          local port of the SuperNode's own API (default 9094; give each
 #                 SuperNode on one machine its own)
-# --warm-worker   also start a warm worker (fedpeft worker) that keeps the model
-#                 loaded between rounds; Flower starts a fresh ClientApp process per
-#                 message, which then hands the message to it (docs/deployment.md)
+# --warm-worker   run every ClientApp task in one long-lived process (fedpeft worker)
+#                 that keeps the model loaded between rounds, instead of Flower's
+#                 fresh flwr-clientapp process per message (docs/deployment.md)
+# --busy-poll S   after a message or reply, look for the next one S seconds later, then
+#                 1.25x longer per empty poll up to Flower's fixed 3 s (default 0.1;
+#                 0 keeps Flower's 3 s; fedpeft/flower/supernode.py)
 # --threads N     CPU threads for training on this device (OMP_NUM_THREADS for the
 #                 worker and the ClientApp processes; default: torch's, every core).
 #                 Give several SuperNodes on one machine a share each: oversubscribed
@@ -30,10 +33,10 @@
 #                 fedpeft/flower/fault_injection.py). Never in production.
 # Any other arguments go to flower-supernode unchanged. The node runs as
 # fedpeft-supernode: flower-supernode sending each reply as soon as it is ready
-# (fedpeft/flower/supernode.py; after a SuperLink restart Flower's own can hold a
-# node's replies back one message each, for good).
+# (after a SuperLink restart Flower's own can hold a node's replies back one message
+# each, for good) and polling sooner while a run is busy (fedpeft/flower/supernode.py).
 set -euo pipefail
-superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" extra=()
+superlink="" ca="" key="" node_config="" state_dir="" port=9094 warm_worker="" threads="" busy_poll=0.1 extra=()
 while [ $# -gt 0 ]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -47,6 +50,7 @@ while [ $# -gt 0 ]; do
         --port) port=$2; shift 2 ;;
         --warm-worker) warm_worker=1; shift ;;
         --threads) threads=$2; shift 2 ;;
+        --busy-poll) busy_poll=$2; shift 2 ;;
         *) extra+=("$1"); shift ;;
     esac
 done
@@ -68,13 +72,13 @@ export FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} HF_HUB_OFFLINE=${HF_H
 # The SuperExec looks for a message to start a ClientApp for once a second by default.
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}
 if [ -n "$warm_worker" ]; then
-    # The worker's socket lives in the 0700 state folder; it exits once this process
-    # (which becomes the SuperNode below) is gone.
-    socket="$(cd "$state_dir" && pwd)/worker.sock"
-    fedpeft worker --socket "$socket" --parent-pid $$ &
-    node_config+="warm-worker=\"$socket\" "
+    # The SuperNode starts no SuperExec (--isolation process); the worker claims its
+    # tasks on the local runtime API and exits once this process (which becomes the
+    # SuperNode below) is gone.
+    fedpeft worker --runtime-api "127.0.0.1:$port" --parent-pid $$ &
+    extra+=(--isolation process)
 fi
-exec fedpeft-supernode \
+exec fedpeft-supernode --busy-poll "$busy_poll" \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
     --node-config "${node_config% }" --port "$port" \
     "${extra[@]}"

@@ -151,13 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="keep a device's ClientApp warm: answer its SuperNode's messages with the model loaded",
-        description="A long-lived process beside a SuperNode whose node config names it "
-        "(warm-worker = SOCKET): each short-lived ClientApp process hands it the message, and "
-        "the model and data stay loaded between rounds. clients/start_supernode.sh --warm-worker "
-        "starts one. See docs/deployment.md.",
+        help="keep a device's ClientApp warm: run its SuperNode's tasks with the model loaded",
+        description="A long-lived process that runs every ClientApp task of a SuperNode started "
+        "with --isolation process, in place of a fresh flwr-clientapp process per message: the "
+        "model and data stay loaded between rounds. clients/start_supernode.sh --warm-worker "
+        "starts both. See docs/deployment.md.",
     )
-    worker.add_argument("--socket", type=Path, required=True, help="the Unix socket to listen on")
+    worker.add_argument(
+        "--runtime-api",
+        default="127.0.0.1:9094",
+        metavar="HOST:PORT",
+        help="the SuperNode's runtime API (flower-supernode --port; default 127.0.0.1:9094)",
+    )
     worker.add_argument("--parent-pid", type=int, help="exit once this process (the SuperNode) is gone")
     return parser
 
@@ -435,11 +440,11 @@ def _print_warnings(config: Config) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from fedpeft.flower.client_app import worker_app
+    from fedpeft.flower.client_app import app
     from fedpeft.flower.warm_worker import serve
 
-    print(f"fedpeft worker: listening on {args.socket}", flush=True)
-    serve(args.socket, worker_app, parent_pid=args.parent_pid)
+    print(f"fedpeft worker: running the ClientApp tasks of the SuperNode at {args.runtime_api}", flush=True)
+    serve(args.runtime_api, app, parent_pid=args.parent_pid)
     return 0
 
 

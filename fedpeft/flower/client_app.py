@@ -25,7 +25,6 @@ from fedpeft.flower.records import (
 )
 from fedpeft.flower.run_config import config_from_run_config
 from fedpeft.flower.secure_client import is_secure_round, secure_aggregation_mod, secure_reply
-from fedpeft.flower.warm_worker import warm_worker_mod
 
 
 def client_id_of(context: Context) -> int:
@@ -192,9 +191,6 @@ class ClientDeclined(RuntimeError):
     """The client will not train this secure round (its reason is the message)."""
 
 
-app = build_client_app(config_from_run_config, mods=[warm_worker_mod, inject_faults])
-"""The deployed ClientApp; :func:`inject_faults` acts only on nodes given a ``fault``, and
-:func:`warm_worker_mod` hands each message to the node's warm worker where it has one."""
-
-worker_app = build_client_app(config_from_run_config, mods=[inject_faults])
-"""What a warm worker (``fedpeft worker``) runs for each message handed to it."""
+app = build_client_app(config_from_run_config, mods=[inject_faults])
+"""The deployed ClientApp, in ``flwr-clientapp`` or a warm worker (``fedpeft worker``);
+:func:`inject_faults` acts only on nodes given a ``fault``."""

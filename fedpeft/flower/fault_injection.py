@@ -14,7 +14,8 @@ Faults (the ``fault`` node-config value; a comma-separated list such as
 - ``inf``: every update tensor is filled with +Inf;
 - ``oversize``: a 64 MiB junk tensor is added to the update;
 - ``wrong-shape``: every update tensor loses its last row;
-- ``crash``: the process exits mid-round, as a device losing power would;
+- ``crash``: the process exits mid-round, as a device losing power would (on a node with
+  a warm worker that process is the worker: the node stays silent from then on);
 - ``secagg-drop-after-keys``: in a secure (SecAgg+) round the node takes part in the
   setup and key-sharing stages, then fails the stage that collects masked vectors
   instead of training: a device lost after its keys are out. The server must rebuild

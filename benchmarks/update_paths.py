@@ -168,6 +168,10 @@ def summarise(name: str, recipe: dict[str, Any], runs: list[dict[str, Any]]) -> 
     }
 
 
+WITHIN = 0.02
+"""The target: each path within 2 points of dense LoRA's accuracy."""
+
+
 def paired_gap(row: dict[str, Any], dense: dict[str, Any], key: str) -> dict[str, Any]:
     """``row``'s accuracy minus dense LoRA's, seed by seed, and whether it is within 2 points.
 
@@ -189,10 +193,6 @@ def paired_gap(row: dict[str, Any], dense: dict[str, Any], key: str) -> dict[str
             "within" if mean - margin >= -WITHIN else "outside" if mean + margin < -WITHIN else "unsettled"
         )
     return {"mean": mean, "std": std, "seeds": len(gaps), "per_seed": gaps, "verdict": verdict}
-
-
-WITHIN = 0.02
-"""The target: each path within 2 points of dense LoRA's accuracy."""
 
 
 def compare_to_dense(rows: list[dict[str, Any]]) -> None:

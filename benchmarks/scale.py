@@ -190,6 +190,12 @@ def main() -> None:
         default=Path("docs/figures/deploy_warm_worker.json"),
         help="results of benchmarks/deploy.py --warm-worker, whose round ratio is summarised here",
     )
+    parser.add_argument(
+        "--gpu-clients",
+        type=Path,
+        default=Path("docs/figures/gpu_clients.json"),
+        help="results of benchmarks/gpu_clients.py (on a GPU), whose clients per second are summarised here",
+    )
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(args.measure, args.clients, args)))
@@ -212,6 +218,7 @@ def main() -> None:
         )
     summary.update(showcase(args.dp_utility))
     summary.update(deployment(args.deploy))
+    summary.update(gpu_clients(args.gpu_clients))
     result["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -252,6 +259,19 @@ def deployment(path: Path) -> dict[str, Any]:
     return {
         "deploy_round_ratio": json.loads(path.read_text())["summary"]["deploy_round_ratio"],
         "deploy_source": repo_relative(path),
+    }
+
+
+def gpu_clients(path: Path) -> dict[str, Any]:
+    """Clients per second on one GPU shared by several clients (``benchmarks/gpu_clients.py``,
+    run on a lent GPU machine)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {
+        "gpu_clients_per_second": data["summary"]["clients_per_second"],
+        "gpu_device": data["device"].get("gpu"),
+        "gpu_source": repo_relative(path),
     }
 
 

@@ -278,6 +278,9 @@ def main() -> None:
     if args.export_models:
         export_models(args.export_models)
         return
+    unknown = set(args.models.split(",")) - MODELS.keys()
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
     if args.collect:
         if not (args.json and args.json.is_file() and args.merge):
             raise SystemExit(
@@ -301,9 +304,6 @@ def main() -> None:
         )
     if any(f > 1 for f in fractions):
         raise SystemExit("--gpu-fractions: each is a share of one GPU, at most 1")
-    unknown = set(args.models.split(",")) - MODELS.keys()
-    if unknown:
-        raise SystemExit(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(MODELS)})")
     models = [MODELS[m] for m in args.models.split(",")]
     if args.model_folder:
         for model in models:
